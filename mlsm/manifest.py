@@ -1,0 +1,99 @@
+"""Atomic writes, fingerprints and manifest.json: how every stage proves what it finished."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from mlsm import __version__
+from mlsm.errors import MLSMError
+
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to `final`; rename it into place only if the block succeeds.
+
+    A killed process leaves at most a `*.tmp` file, never a file that looks finished.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if tmp.is_dir():
+            if final.exists():
+                import shutil
+
+                shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        if tmp.is_dir():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def files_fingerprint(paths: list[Path]) -> str:
+    """Cheap fingerprint of input files: name, size and mtime (hashing GBs of text on every run is not)."""
+    entries = []
+    for p in sorted(Path(x) for x in paths):
+        st = p.stat()
+        entries.append([str(p.resolve()), st.st_size, int(st.st_mtime)])
+    return sha256_json(entries)
+
+
+def read_manifest(folder: str | os.PathLike, *, stage: str, fix: str) -> dict:
+    """Load a finished stage's manifest, or tell the user which command produces it."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise MLSMError(f"{path} not found: the {stage} stage has not finished in {folder}. Run `{fix}` first.")
+    try:
+        with open(path) as f:
+            man = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise MLSMError(f"{path} is unreadable ({e}). Re-run `{fix} --force`.") from e
+    if man.get("stage") != stage or not man.get("complete"):
+        raise MLSMError(f"{path} does not describe a complete {stage} stage. Re-run `{fix}`.")
+    return man
+
+
+def new_manifest(stage: str, params: dict, inputs: dict) -> dict:
+    return {
+        "stage": stage,
+        "mlsm_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "params": params,
+        "inputs": inputs,
+        "complete": False,
+    }
