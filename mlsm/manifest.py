@@ -97,3 +97,68 @@ def new_manifest(stage: str, params: dict, inputs: dict) -> dict:
         "inputs": inputs,
         "complete": False,
     }
+
+
+PROGRESS = "progress.json"
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: existing {a!r}, requested {b!r}")
+    return out
+
+
+def prepare_stage(
+    out_dir: str | os.PathLike,
+    stage: str,
+    params: dict,
+    inputs: dict,
+    force: bool,
+    outputs: list[str],
+) -> tuple[str, dict | None]:
+    """Decide whether a stage is done, resumes, or starts fresh in out_dir.
+
+    Returns ("done", manifest), ("resume", progress) or ("fresh", None). A folder holding work
+    made with other parameters or inputs is never silently mixed with new work: the user gets
+    the list of differences and the two ways out (--force, or another --out).
+    `outputs` are glob patterns of the stage's files, removed on --force.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if force:
+        for pattern in outputs + [MANIFEST, PROGRESS, ".*.tmp"]:
+            for p in out_dir.glob(pattern):
+                if p.is_dir():
+                    import shutil
+
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        return "fresh", None
+    for name, state in ((MANIFEST, "done"), (PROGRESS, "resume")):
+        path = out_dir / name
+        if not path.exists():
+            continue
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            log_msg = f"{path} is unreadable"
+            raise MLSMError(f"{log_msg}. Re-run with --force to redo the {stage} stage.")
+        diffs = _differences({"params": old.get("params", {}), "inputs": old.get("inputs", {})},
+                             {"params": params, "inputs": inputs})
+        if diffs:
+            raise MLSMError(
+                f"{out_dir} already holds {stage} output made differently:\n  - "
+                + "\n  - ".join(diffs)
+                + f"\nRe-run with --force to replace it, or write to another folder with --out."
+            )
+        if state == "done" and not old.get("complete"):
+            continue
+        return state, old
+    return "fresh", None

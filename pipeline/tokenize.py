@@ -1,0 +1,96 @@
+"""The tokenize stage: corpus → tokens.h5, the codes-less training set for `--objective mlm`.
+
+It packs sequences exactly as extract does, so an MLM run and an MLSM run over the same corpus,
+tokenizer and max_len see the same sequences. Training an auxiliary model from scratch
+(`make aux`) needs nothing but this file.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mlsm.errors import MLSMError
+from mlsm.manifest import MANIFEST, PROGRESS, new_manifest, prepare_stage, write_json_atomic
+from pipeline import corpus as corpus_mod
+from pipeline.codes import merge_parts, write_part
+from pipeline.sequences import limit_tokens, pack_documents
+
+log = logging.getLogger(__name__)
+
+
+def run_tokenize(
+    corpus: str,
+    out_dir: Path,
+    tokenizer_from: str | None = None,
+    max_len: int = 128,
+    max_tokens: int | None = None,
+    part_tokens: int = 1_000_000,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    from trainer import checkpoint
+
+    out_dir = Path(out_dir)
+    paths = corpus_mod.resolve_corpus(corpus)
+    model_dir = checkpoint.resolve_model_dir(tokenizer_from)
+    tokenizer = checkpoint.load_tokenizer(model_dir)
+    special = checkpoint.special_token_ids(tokenizer)
+    tok_fp = checkpoint.tokenizer_fingerprint(tokenizer)
+    params = {"max_len": max_len, "max_tokens": max_tokens, "part_tokens": part_tokens}
+    inputs = {"corpus": corpus_mod.corpus_fingerprint(paths), "tokenizer": tok_fp}
+    state, old = prepare_stage(out_dir, "tokenize", params, inputs, force, ["tokens.h5", "parts", "tokenizer"])
+    if state == "done":
+        log.info("tokenize: %s is already complete; nothing to do. Use --force to redo it.", out_dir)
+        return old
+    parts_dir = out_dir / "parts"
+    parts_dir.mkdir(exist_ok=True)
+    checkpoint.copy_tokenizer_files(model_dir, out_dir / "tokenizer")
+    doc = new_manifest("tokenize", params, inputs)
+    write_json_atomic(out_dir / PROGRESS, doc)
+
+    stats = corpus_mod.CorpusStats()
+    sequences = limit_tokens(
+        pack_documents(corpus_mod.iter_documents(paths, stats), tokenizer, max_len, special["cls"], special["sep"]),
+        max_tokens,
+    )
+    t0 = time.time()
+    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenize", disable=not progress)
+    buf: list[np.ndarray] = []
+    n_buf = 0
+    parts: list[Path] = []
+
+    def flush():
+        nonlocal buf, n_buf
+        part = parts_dir / f"part-{len(parts):05d}.h5"
+        if not part.exists():  # finished before an interruption: packing is deterministic
+            write_part(part, np.concatenate(buf), np.array([len(s) for s in buf]))
+        parts.append(part)
+        buf, n_buf = [], 0
+
+    for seq in sequences:
+        buf.append(seq)
+        n_buf += len(seq)
+        bar.update(len(seq))
+        if n_buf >= part_tokens:
+            flush()
+    if buf:
+        flush()
+    bar.close()
+    if not parts:
+        corpus_mod.require_nonempty(stats)
+        raise MLSMError(f"the corpus {corpus} produced no token sequences; check that it contains text.")
+    merged = merge_parts(parts, out_dir / "tokens.h5", {"tokenizer_fingerprint": tok_fp, "max_len": max_len})
+    shutil.rmtree(parts_dir)
+    manifest = dict(doc)
+    manifest.update(complete=True, tokens=merged["tokens"], sequences=merged["sequences"],
+                    corpus_stats=stats.as_dict(), wall_s=round(time.time() - t0, 2))
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    (out_dir / PROGRESS).unlink(missing_ok=True)
+    log.info("tokenize: %d tokens in %d sequences -> %s", merged["tokens"], merged["sequences"], out_dir / "tokens.h5")
+    return manifest

@@ -1,0 +1,425 @@
+"""codes.h5 / tokens.h5 → dynamically masked training batches with their sparse MLSM targets.
+
+The token stream is small (4 B/token) and lives in memory. The CSR codes can be hundreds of GB,
+so they are read per *window*: an epoch visits blocks of contiguous sequences in a seeded random
+order, and a window of a few thousand sequences (whole batches) is read with one contiguous slice
+per block, then shuffled in memory. That keeps HDF5 reads large and sequential while batches still
+mix many parts of the corpus.
+
+Everything random is a pure function of (seed, epoch, batch index, rank), so the data position
+(epoch, batch) is all a checkpoint needs to resume exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from mlsm.errors import MLSMError
+from mlsm.manifest import sha256_json
+
+log = logging.getLogger(__name__)
+
+MASK_POLICIES = ("mask", "bert")
+
+
+# --------------------------------------------------------------------------- CSR helpers
+
+
+def csr_take(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, rows: np.ndarray):
+    """Rows `rows` of a CSR matrix, as a new CSR (indptr, indices, values), without a Python loop."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = indptr[rows]
+    lens = indptr[rows + 1] - starts
+    new_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lens, out=new_indptr[1:])
+    src = np.repeat(starts - new_indptr[:-1], lens) + np.arange(new_indptr[-1], dtype=np.int64)
+    return new_indptr, indices[src], values[src]
+
+
+def normalise_rows(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray):
+    """Rows → distributions t = a / sum(a); zero entries dropped, so all-zero rows end up empty."""
+    M = len(indptr) - 1
+    row = np.repeat(np.arange(M), np.diff(indptr))
+    keep = values > 0
+    row, indices, vals = row[keep], indices[keep], values[keep].astype(np.float64)
+    sums = np.bincount(row, weights=vals, minlength=M)
+    new_indptr = np.zeros(M + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row, minlength=M), out=new_indptr[1:])
+    return new_indptr, indices, (vals / sums[row]).astype(np.float32)
+
+
+class _CodeCache:
+    """CSR rows of a set of sequences held in memory, addressed by global token index."""
+
+    def __init__(self, run_tok_starts, run_row_starts, indptr, indices, values):
+        self.run_tok_starts = run_tok_starts
+        self.run_row_starts = run_row_starts
+        self.indptr, self.indices, self.values = indptr, indices, values
+
+    def rows_of(self, token_index: np.ndarray) -> np.ndarray:
+        r = np.searchsorted(self.run_tok_starts, token_index, side="right") - 1
+        return self.run_row_starts[r] + (token_index - self.run_tok_starts[r])
+
+
+# --------------------------------------------------------------------------- the data file
+
+
+@dataclass
+class Batch:
+    """Unmasked sequences, padded; `token_index` maps each position to the file's token stream (-1: pad)."""
+
+    seq_ids: np.ndarray
+    input_ids: torch.Tensor  # (B, T) int64
+    attention_mask: torch.Tensor  # (B, T) int64
+    token_index: np.ndarray  # (B, T) int64
+    codes: _CodeCache | None
+
+    def targets(self, masked_index: torch.Tensor | np.ndarray):
+        """Normalised CSR targets (indptr, indices, values) of the flat positions `masked_index`."""
+        if self.codes is None:
+            raise MLSMError("this data file has no /codes, so it has no MLSM targets; run `mlsm sparse-code` first.")
+        g = self.token_index.reshape(-1)[np.asarray(masked_index, dtype=np.int64)]
+        if (g < 0).any():
+            raise ValueError("masked_index points at padding")
+        ip, ix, val = csr_take(self.codes.indptr, self.codes.indices, self.codes.values, self.codes.rows_of(g))
+        ip, ix, val = normalise_rows(ip, ix, val)
+        return (
+            torch.from_numpy(ip),
+            torch.from_numpy(ix.astype(np.int64)),
+            torch.from_numpy(val),
+        )
+
+
+class TokenData:
+    """An opened codes.h5 or tokens.h5: tokens in memory, codes read from disk on demand."""
+
+    def __init__(self, path: str | Path, pad_id: int = 0):
+        self.path = Path(path)
+        self.pad_id = pad_id
+        if not self.path.is_file():
+            raise MLSMError(
+                f"{self.path} does not exist. Point --data at the codes.h5 written by `mlsm sparse-code` "
+                "(or tokens.h5 from `mlsm tokenize` for --objective mlm)."
+            )
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise MLSMError(f"{self.path} is not a readable HDF5 file ({e}); re-create it with its stage's --force.") from e
+        f = self._f
+        for name in ("tokens", "seq_offsets"):
+            if name not in f:
+                self.close()
+                raise MLSMError(f"{self.path} has no /{name}; it is not a training set. Re-run the stage that wrote it.")
+        self.tokens = f["tokens"][:].astype(np.int32, copy=False)
+        self.seq_offsets = f["seq_offsets"][:].astype(np.int64, copy=False)
+        self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        offs = self.seq_offsets
+        if len(offs) < 2 or offs[0] != 0 or offs[-1] != len(self.tokens) or (np.diff(offs) <= 0).any():
+            self.close()
+            raise MLSMError(f"{self.path} has inconsistent /seq_offsets; the file is damaged. Re-create it.")
+        self.seq_lengths = np.diff(offs)
+        self.has_codes = "codes" in f
+        self.K: int | None = None
+        if self.has_codes:
+            g = f["codes"]
+            self._indptr, self._indices, self._values = g["indptr"], g["indices"], g["values"]
+            if self._indptr.shape[0] != len(self.tokens) + 1:
+                self.close()
+                raise MLSMError(f"{self.path}: /codes/indptr does not have one row per token; re-run `mlsm sparse-code`.")
+            if "K" not in self.attrs:
+                self.close()
+                raise MLSMError(f"{self.path} lacks the attribute K (number of atoms); re-run `mlsm sparse-code`.")
+            self.K = int(self.attrs["K"])
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq_lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.seq_lengths.max())
+
+    def fingerprint(self) -> str:
+        """Cheap identity of the data: attributes and sizes (hashing hundreds of GB is not cheap)."""
+        nnz = int(self._indices.shape[0]) if self.has_codes else None
+        attrs = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.attrs.items()}
+        return sha256_json({"attrs": attrs, "tokens": self.num_tokens, "sequences": self.num_sequences, "nnz": nnz})
+
+    def close(self) -> None:
+        if getattr(self, "_f", None) is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> "TokenData":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read_codes(self, seq_ids) -> _CodeCache:
+        """Read the CSR rows of these sequences: one contiguous slice per run of consecutive ids."""
+        s = np.unique(np.asarray(seq_ids, dtype=np.int64))
+        breaks = np.flatnonzero(np.diff(s) != 1) + 1
+        run_first = s[np.r_[0, breaks]]
+        run_last = s[np.r_[breaks - 1, len(s) - 1]]
+        tok_lo, tok_hi = self.seq_offsets[run_first], self.seq_offsets[run_last + 1]
+        ips, ixs, vals, row_starts = [np.zeros(1, np.int64)], [], [], []
+        nnz = rows = 0
+        for lo, hi in zip(tok_lo.tolist(), tok_hi.tolist()):
+            ip = self._indptr[lo : hi + 1].astype(np.int64)
+            ixs.append(self._indices[ip[0] : ip[-1]])
+            vals.append(self._values[ip[0] : ip[-1]])
+            ips.append(ip[1:] - ip[0] + nnz)
+            row_starts.append(rows)
+            nnz += int(ip[-1] - ip[0])
+            rows += hi - lo
+        indices = np.concatenate(ixs)
+        if len(indices) and int(indices.max()) >= self.K:
+            raise MLSMError(f"{self.path} has atom indices >= K={self.K}; the file is damaged. Re-run `mlsm sparse-code`.")
+        return _CodeCache(tok_lo, np.asarray(row_starts, dtype=np.int64), np.concatenate(ips), indices, np.concatenate(vals))
+
+    def get_batch(self, seq_ids, codes: _CodeCache | None = None, with_codes: bool = True) -> Batch:
+        """Pad these sequences to the longest; attach their codes (read now unless `codes` holds them)."""
+        seq_ids = np.asarray(seq_ids, dtype=np.int64)
+        lens = self.seq_lengths[seq_ids]
+        B, T = len(seq_ids), int(lens.max())
+        pos = np.arange(T)
+        valid = pos[None, :] < lens[:, None]
+        token_index = np.where(valid, self.seq_offsets[seq_ids][:, None] + pos[None, :], -1)
+        ids = np.where(valid, self.tokens[np.maximum(token_index, 0)], self.pad_id)
+        with_codes = with_codes and self.has_codes
+        if with_codes and codes is None:
+            codes = self.read_codes(seq_ids)
+        return Batch(
+            seq_ids=seq_ids,
+            input_ids=torch.from_numpy(ids.astype(np.int64)),
+            attention_mask=torch.from_numpy(valid.astype(np.int64)),
+            token_index=token_index,
+            codes=codes if with_codes else None,
+        )
+
+
+# --------------------------------------------------------------------------- masking
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    special_mask: torch.Tensor,
+    mask_prob: float = 0.15,
+    policy: str = "mask",
+    mask_id: int = 4,
+    vocab_size: int | None = None,
+    generator: torch.Generator | None = None,
+    special_ids: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select ~mask_prob of each sequence's non-special tokens; returns (masked ids, sorted flat index).
+
+    The count per sequence is mask_prob * n rounded stochastically (unbiased even for short
+    sequences), and at least 1 when the sequence has any candidate. Policy "mask" replaces every
+    selected token by [MASK] (the reference); "bert" does 80% [MASK], 10% random, 10% unchanged,
+    the random tokens never being special ones.
+    """
+    if policy not in MASK_POLICIES:
+        raise MLSMError(f"unknown mask policy {policy!r}; choose one of {', '.join(MASK_POLICIES)}.")
+    B, T = input_ids.shape
+    cand = attention_mask.bool() & ~special_mask.bool()
+    n = cand.sum(1)
+    u = torch.rand(B, generator=generator, dtype=torch.float64)
+    k = torch.floor(n.double() * mask_prob + u).long()
+    k = torch.where(n > 0, k.clamp(min=1), k).clamp(max=n)
+    # The k candidates with the smallest random scores; ranks, not thresholds, so ties cannot matter.
+    scores = torch.rand(B, T, generator=generator)
+    scores = torch.where(cand, scores, torch.full_like(scores, 2.0))
+    order = scores.argsort(dim=1)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(T).expand(B, T).contiguous())
+    selected = ranks < k[:, None]
+    out = input_ids.clone()
+    if policy == "mask":
+        out[selected] = mask_id
+    else:
+        if vocab_size is None:
+            raise ValueError("policy 'bert' needs vocab_size")
+        r = torch.rand(B, T, generator=generator)
+        allowed = torch.ones(vocab_size, dtype=torch.bool)
+        if special_ids:
+            allowed[torch.tensor(special_ids)] = False
+        pool = allowed.nonzero().squeeze(1)
+        rand_tok = pool[torch.randint(len(pool), (B, T), generator=generator)]
+        out = torch.where(selected & (r < 0.8), torch.full_like(out, mask_id), out)
+        out = torch.where(selected & (r >= 0.8) & (r < 0.9), rand_tok, out)
+    return out, selected.reshape(-1).nonzero().squeeze(1)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class BatchIterator:
+    """Endless masked batches for one optimizer step each, resumable at (epoch, batch).
+
+    An epoch is a seeded permutation of blocks of `block_size` contiguous sequences; consecutive
+    `shuffle_window` sequences of it (rounded up to whole batches) are read together and shuffled.
+    The last incomplete batch of an epoch is dropped. With DDP each rank takes its slice of every
+    global batch; with `micro_batches` > 1 the rank's share is split (after sorting by length, to
+    pad less) for gradient accumulation.
+    """
+
+    def __init__(
+        self,
+        data: TokenData,
+        batch_size: int,
+        *,
+        seed: int,
+        mask_id: int,
+        vocab_size: int,
+        special_ids: list[int],
+        mask_prob: float = 0.15,
+        mask_policy: str = "mask",
+        micro_batches: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        block_size: int = 64,
+        shuffle_window: int = 4096,
+        with_targets: bool = True,
+    ):
+        if batch_size % (micro_batches * world_size):
+            raise MLSMError(
+                f"batch size {batch_size} is not divisible by grad_accum x world size = {micro_batches * world_size}; "
+                "choose a batch size that is."
+            )
+        if data.num_sequences < batch_size:
+            raise MLSMError(
+                f"{data.path} holds {data.num_sequences} sequences, fewer than one batch of {batch_size}; "
+                "lower --batch-size or use more data."
+            )
+        if mask_policy not in MASK_POLICIES:
+            raise MLSMError(f"unknown mask policy {mask_policy!r}; choose one of {', '.join(MASK_POLICIES)}.")
+        if with_targets and not data.has_codes:
+            raise MLSMError(f"{data.path} has no /codes; run `mlsm sparse-code` to build MLSM targets.")
+        self.data = data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.mask_id, self.vocab_size, self.special_ids = mask_id, vocab_size, list(special_ids)
+        self.mask_prob, self.mask_policy = mask_prob, mask_policy
+        self.micro_batches, self.rank, self.world_size = micro_batches, rank, world_size
+        self.with_targets = with_targets
+        S = data.num_sequences
+        self.block_starts = np.arange(0, S, block_size, dtype=np.int64)
+        self.block_sizes = np.minimum(block_size, S - self.block_starts)
+        self.window = -(-max(shuffle_window, batch_size) // batch_size) * batch_size
+        self.batches_per_epoch = S // batch_size
+        self.epoch = 0
+        self.batch = 0
+        self._order: tuple[int, np.ndarray] | None = None
+        self._cache: tuple[tuple[int, int], _CodeCache] | None = None
+        self._special = torch.tensor(sorted(set(self.special_ids)), dtype=torch.long)
+
+    # -- position
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_sequences": self.data.num_sequences,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "batch_size", "num_sequences"):
+            mine = self.state_dict()[key]
+            if state[key] != mine:
+                raise MLSMError(
+                    f"the saved data position was made with {key}={state[key]}, this run has {mine}; "
+                    "resume with the same data and settings, or start a new run directory."
+                )
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    # -- order
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The epoch's sequence order: shuffled blocks, then shuffled within each window."""
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
+        rng = np.random.default_rng(_seed_of(self.seed, epoch, 1))
+        perm = rng.permutation(len(self.block_starts))
+        sizes, starts = self.block_sizes[perm], self.block_starts[perm]
+        S = self.data.num_sequences
+        order = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(S, dtype=np.int64)
+        for w0 in range(0, S, self.window):
+            rng.shuffle(order[w0 : w0 + self.window])
+        self._order = (epoch, order)
+        return order
+
+    def _rank_seqs(self, order: np.ndarray, b0: int, b1: int) -> np.ndarray:
+        """This rank's sequences of global batches b0..b1-1, shape (b1-b0, local batch)."""
+        local = self.batch_size // self.world_size
+        g = order[b0 * self.batch_size : b1 * self.batch_size].reshape(b1 - b0, self.batch_size)
+        return g[:, self.rank * local : (self.rank + 1) * local]
+
+    def _codes_for(self, epoch: int, batch: int) -> _CodeCache | None:
+        if not self.with_targets:
+            return None
+        per_window = self.window // self.batch_size
+        w = batch // per_window
+        if self._cache is None or self._cache[0] != (epoch, w):
+            self._cache = None  # free the old window before reading the next
+            b0, b1 = w * per_window, min((w + 1) * per_window, self.batches_per_epoch)
+            seqs = self._rank_seqs(self.epoch_order(epoch), b0, b1)
+            self._cache = ((epoch, w), self.data.read_codes(seqs.reshape(-1)))
+        return self._cache[1]
+
+    # -- batches
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> list[dict]:
+        epoch, batch = self.epoch, self.batch
+        order = self.epoch_order(epoch)
+        seqs = self._rank_seqs(order, batch, batch + 1)[0]
+        codes = self._codes_for(epoch, batch)
+        gen = torch.Generator().manual_seed(_seed_of(self.seed, epoch, batch, self.rank, 2))
+        if self.micro_batches > 1:
+            seqs = seqs[np.argsort(self.data.seq_lengths[seqs], kind="stable")]
+        micro = [self.make_batch(part, codes, gen) for part in np.array_split(seqs, self.micro_batches)]
+        self.batch += 1
+        if self.batch >= self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        return micro
+
+    def make_batch(self, seq_ids: np.ndarray, codes: _CodeCache | None, gen: torch.Generator) -> dict:
+        """Read, mask and attach targets: everything one forward pass needs (CPU tensors)."""
+        b = self.data.get_batch(seq_ids, codes=codes, with_codes=self.with_targets)
+        special = torch.isin(b.input_ids, self._special)
+        ids, masked_index = mask_tokens(
+            b.input_ids, b.attention_mask, special, self.mask_prob, self.mask_policy,
+            self.mask_id, self.vocab_size, gen, self.special_ids,
+        )
+        out = {
+            "seq_ids": b.seq_ids,
+            "input_ids": ids,
+            "attention_mask": b.attention_mask,
+            "masked_index": masked_index,
+            "mlm_labels": b.input_ids.reshape(-1)[masked_index],
+            "n_tokens": int(b.attention_mask.sum()),
+            "n_masked": int(masked_index.numel()),
+        }
+        if self.with_targets:
+            ip, ix, val = b.targets(masked_index.numpy())
+            out.update(target_indptr=ip, target_indices=ix, target_values=val, n_targets=int((ip[1:] > ip[:-1]).sum()))
+        return out
