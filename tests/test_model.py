@@ -38,7 +38,7 @@ def minilm():
 def test_hidden_states_match_transformers_every_layer(minilm):
     transformers = pytest.importorskip("transformers")
     enc, cfg, path, ids, mask = minilm
-    hf = transformers.BertModel.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+    hf = transformers.BertModel.from_pretrained(str(path)).float().eval()
     with torch.no_grad():
         ours = enc(ids, mask, output_hidden_states=True)
         theirs = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states

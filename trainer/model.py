@@ -168,7 +168,7 @@ class BertIntermediate(nn.Module):
         self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x), approximate="tanh")  # exact erf GELU, as HF "gelu"
+        return F.gelu(self.dense(x))  # exact erf GELU, as HF "gelu"
 
 
 class BertOutput(nn.Module):
