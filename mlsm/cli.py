@@ -74,7 +74,7 @@ def cli(verbose: bool):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/corpus"))
 @FORCE
 def corpus(npm_root: Path, out: Path, force: bool):
-    """Build the default pre-training corpus (Brown + State of the Union, ~2.9M words)."""
+    """Build the default pre-training corpus (Brown + State of the Union, ~2.8M words)."""
     from mlsm.manifest import MANIFEST, new_manifest, write_json_atomic
     from pipeline.corpus_build import build_default_corpus
 

@@ -62,8 +62,12 @@ def write_shard(
         h = np.ascontiguousarray(hidden[l], dtype=np.float16)
         cols.append(pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), d))
     table = pa.Table.from_arrays(cols, schema=shard_schema(layers, d))
+    # Float16 activations barely compress (~5% with zstd) but cost 10% of extraction time.
+    compression = {"seq_id": "zstd", "position": "zstd", "token_id": "zstd"}
+    compression.update({f"{layer_column(l)}.list.element": "none" for l in layers})
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=row_group_rows, compression="zstd")
+        pq.write_table(table, tmp, row_group_size=row_group_rows, compression=compression,
+                       use_dictionary=["seq_id", "position", "token_id"])
 
 
 def list_shards(folder: Path) -> list[Path]:
