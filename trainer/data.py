@@ -7,7 +7,8 @@ per block, then shuffled in memory. That keeps HDF5 reads large and sequential w
 mix many parts of the corpus.
 
 Everything random is a pure function of (seed, epoch, batch index, rank), so the data position
-(epoch, batch) is all a checkpoint needs to resume exactly.
+(epoch, batch) is all a checkpoint needs to resume exactly. `Prefetcher` prepares the next steps
+on a thread while the device computes.
 """
 
 from __future__ import annotations
@@ -54,6 +55,17 @@ def normalise_rows(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray):
     return new_indptr, indices, (vals / sums[row]).astype(np.float32)
 
 
+def _plain(v):
+    """HDF5 attribute → JSON-able Python value."""
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return v
+
+
 class _CodeCache:
     """CSR rows of a set of sequences held in memory, addressed by global token index."""
 
@@ -79,6 +91,17 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T) int64
     token_index: np.ndarray  # (B, T) int64
     codes: _CodeCache | None
+
+    def rows(self, r0: int, r1: int) -> "Batch":
+        """Rows r0..r1-1, trimmed to their own longest sequence."""
+        T = int(self.attention_mask[r0:r1].sum(1).max())
+        return Batch(
+            seq_ids=self.seq_ids[r0:r1],
+            input_ids=self.input_ids[r0:r1, :T].contiguous(),
+            attention_mask=self.attention_mask[r0:r1, :T].contiguous(),
+            token_index=self.token_index[r0:r1, :T],
+            codes=self.codes,
+        )
 
     def targets(self, masked_index: torch.Tensor | np.ndarray):
         """Normalised CSR targets (indptr, indices, values) of the flat positions `masked_index`."""
@@ -118,7 +141,7 @@ class TokenData:
                 raise MLSMError(f"{self.path} has no /{name}; it is not a training set. Re-run the stage that wrote it.")
         self.tokens = f["tokens"][:].astype(np.int32, copy=False)
         self.seq_offsets = f["seq_offsets"][:].astype(np.int64, copy=False)
-        self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
         offs = self.seq_offsets
         if len(offs) < 2 or offs[0] != 0 or offs[-1] != len(self.tokens) or (np.diff(offs) <= 0).any():
             self.close()
@@ -166,10 +189,15 @@ class TokenData:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def read_codes(self, seq_ids) -> _CodeCache:
-        """Read the CSR rows of these sequences: one contiguous slice per run of consecutive ids."""
+    def read_codes(self, seq_ids, max_gap: int = 16) -> _CodeCache:
+        """Read the CSR rows of these sequences: one contiguous slice per run of nearby ids.
+
+        Runs separated by at most `max_gap` unwanted sequences are read as one slice: a few
+        extra rows cost less than another HDF5 call (a DDP rank's share of a window is such a
+        sieve of its blocks).
+        """
         s = np.unique(np.asarray(seq_ids, dtype=np.int64))
-        breaks = np.flatnonzero(np.diff(s) != 1) + 1
+        breaks = np.flatnonzero(np.diff(s) > max_gap + 1) + 1
         run_first = s[np.r_[0, breaks]]
         run_last = s[np.r_[breaks - 1, len(s) - 1]]
         tok_lo, tok_hi = self.seq_offsets[run_first], self.seq_offsets[run_last + 1]
@@ -184,6 +212,7 @@ class TokenData:
             nnz += int(ip[-1] - ip[0])
             rows += hi - lo
         indices = np.concatenate(ixs)
+        log.debug("read codes of %d sequences: %d slices, %d nonzeros", len(s), len(tok_lo), nnz)
         if len(indices) and int(indices.max()) >= self.K:
             raise MLSMError(f"{self.path} has atom indices >= K={self.K}; the file is damaged. Re-run `mlsm sparse-code`.")
         return _CodeCache(tok_lo, np.asarray(row_starts, dtype=np.int64), np.concatenate(ips), indices, np.concatenate(vals))
@@ -218,7 +247,7 @@ def mask_tokens(
     special_mask: torch.Tensor,
     mask_prob: float = 0.15,
     policy: str = "mask",
-    mask_id: int = 4,
+    mask_id: int | None = None,
     vocab_size: int | None = None,
     generator: torch.Generator | None = None,
     special_ids: list[int] | None = None,
@@ -232,6 +261,8 @@ def mask_tokens(
     """
     if policy not in MASK_POLICIES:
         raise MLSMError(f"unknown mask policy {policy!r}; choose one of {', '.join(MASK_POLICIES)}.")
+    if mask_id is None:
+        raise ValueError("mask_tokens needs the tokenizer's mask_id")
     B, T = input_ids.shape
     cand = attention_mask.bool() & ~special_mask.bool()
     n = cand.sum(1)
@@ -390,29 +421,35 @@ class BatchIterator:
 
     def __next__(self) -> list[dict]:
         epoch, batch = self.epoch, self.batch
-        order = self.epoch_order(epoch)
-        seqs = self._rank_seqs(order, batch, batch + 1)[0]
-        codes = self._codes_for(epoch, batch)
+        seqs = self._rank_seqs(self.epoch_order(epoch), batch, batch + 1)[0]
+        # Sorted by length, micro-batches pad less; a batch is a set, so nothing else changes.
+        seqs = seqs[np.argsort(self.data.seq_lengths[seqs], kind="stable")]
+        b = self.data.get_batch(seqs, codes=self._codes_for(epoch, batch), with_codes=self.with_targets)
         gen = torch.Generator().manual_seed(_seed_of(self.seed, epoch, batch, self.rank, 2))
-        if self.micro_batches > 1:
-            seqs = seqs[np.argsort(self.data.seq_lengths[seqs], kind="stable")]
-        micro = [self.make_batch(part, codes, gen) for part in np.array_split(seqs, self.micro_batches)]
+        # Mask the whole step at once, then split: the masks do not depend on grad_accum.
+        ids, masked_index = mask_tokens(
+            b.input_ids, b.attention_mask, torch.isin(b.input_ids, self._special), self.mask_prob,
+            self.mask_policy, self.mask_id, self.vocab_size, gen, self.special_ids,
+        )
+        selected = torch.zeros(b.input_ids.numel(), dtype=torch.bool)
+        selected[masked_index] = True
+        selected = selected.view(b.input_ids.shape)
+        micro = []
+        for rows in np.array_split(np.arange(len(seqs)), self.micro_batches):
+            sub = b.rows(int(rows[0]), int(rows[-1]) + 1)
+            T = sub.input_ids.shape[1]
+            micro.append(self._pack(sub, ids[rows[0] : rows[-1] + 1, :T], selected[rows[0] : rows[-1] + 1, :T]))
         self.batch += 1
         if self.batch >= self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
         return micro
 
-    def make_batch(self, seq_ids: np.ndarray, codes: _CodeCache | None, gen: torch.Generator) -> dict:
-        """Read, mask and attach targets: everything one forward pass needs (CPU tensors)."""
-        b = self.data.get_batch(seq_ids, codes=codes, with_codes=self.with_targets)
-        special = torch.isin(b.input_ids, self._special)
-        ids, masked_index = mask_tokens(
-            b.input_ids, b.attention_mask, special, self.mask_prob, self.mask_policy,
-            self.mask_id, self.vocab_size, gen, self.special_ids,
-        )
+    def _pack(self, b: Batch, masked_ids: torch.Tensor, selected: torch.Tensor) -> dict:
+        """Everything one forward pass needs, as CPU tensors."""
+        masked_index = selected.reshape(-1).nonzero().squeeze(1)
         out = {
             "seq_ids": b.seq_ids,
-            "input_ids": ids,
+            "input_ids": masked_ids.contiguous(),
             "attention_mask": b.attention_mask,
             "masked_index": masked_index,
             "mlm_labels": b.input_ids.reshape(-1)[masked_index],
@@ -423,3 +460,56 @@ class BatchIterator:
             ip, ix, val = b.targets(masked_index.numpy())
             out.update(target_indptr=ip, target_indices=ix, target_values=val, n_targets=int((ip[1:] > ip[:-1]).sum()))
         return out
+
+
+class Prefetcher:
+    """Prepares the next step's batches on a thread while the device works on the current one.
+
+    Order and content are exactly those of the wrapped iterator; `state_dict()` is the position
+    after the last batch handed out, not after the one being prepared.
+    """
+
+    def __init__(self, it: BatchIterator, depth: int = 2):
+        import queue
+        import threading
+
+        self._it = it
+        self._state = it.state_dict()
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="mlsm-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                item = (next(self._it), self._it.state_dict(), None)
+            except BaseException as e:  # handed to the consumer, raised there
+                item = (None, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> list[dict]:
+        batch, state, err = self._q.get()
+        if err is not None:
+            raise err
+        self._state = state
+        return batch
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
