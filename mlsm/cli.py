@@ -175,13 +175,15 @@ def tokenize(corpus_spec, out, tokenizer_from, max_len, max_tokens, force, no_pr
 @click.option("--mask-prob", default=0.15)
 @click.option("--mask-policy", type=click.Choice(["mask", "bert"]), default="mask",
               help="mask: every selected token becomes [MASK] (the reference); bert: 80/10/10.")
-@click.option("--save-every", default=0, help="Checkpoint every N steps (0: at 10/25/50/100% of the run).")
+@click.option("--save-every", default=0, help="Also checkpoint every N steps (0: never).")
+@click.option("--milestones/--no-milestones", default=True,
+              help="Checkpoint at 10/25/50/100% of the steps, as the paper reports.")
 @click.option("--log-every", default=10)
 @click.option("--seed", default=0)
 @DEVICE
 @NO_PROGRESS
 def pretrain(data, out, objective, mlm_weight, model, init_from, steps, batch_size, grad_accum, lr, warmup,
-             weight_decay, mask_prob, mask_policy, save_every, log_every, seed, device, no_progress):
+             weight_decay, mask_prob, mask_policy, save_every, milestones, log_every, seed, device, no_progress):
     """Pre-train the student from precomputed targets (never loads the auxiliary model)."""
     from trainer.train import PretrainConfig, run_pretrain
 
@@ -193,7 +195,8 @@ def pretrain(data, out, objective, mlm_weight, model, init_from, steps, batch_si
                          model=model, init_from=init_from, steps=steps, batch_size=batch_size,
                          grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay,
                          mask_prob=mask_prob, mask_policy=mask_policy, seed=seed, device=device,
-                         save_every=save_every, log_every=log_every)
+                         save_every=save_every, milestones=milestones, log_every=log_every,
+                         progress=not no_progress)
     summary = run_pretrain(cfg)
     click.echo(json.dumps(summary, indent=2, default=str))
 

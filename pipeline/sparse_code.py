@@ -34,7 +34,7 @@ SOLVER_NAME = "nn_lasso: working set + certified duality gap"
 
 def normalize_rows(h: np.ndarray, device, eps: float = 1e-6) -> torch.Tensor:
     """x = h / max(||h||, eps), in float32; refuses NaN/Inf so they never poison the dictionary."""
-    x = torch.from_numpy(np.asarray(h)).to(device=device, dtype=torch.float32)
+    x = torch.from_numpy(np.array(h, dtype=np.float32)).to(device)
     if not torch.isfinite(x).all():
         raise MLSMError("hidden states contain NaN or Inf values; re-extract them with `mlsm extract --force`.")
     return x / x.norm(dim=1, keepdim=True).clamp_min(eps)

