@@ -1,0 +1,153 @@
+"""nn_lasso against a slow float64 reference, the duality-gap certificate, and fista_fixed."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.solvers import LassoResult, duality_gap, fista_fixed, lipschitz, nn_lasso
+
+LAM = 0.05
+
+
+def _problem(d, K, B, nnz, seed, noise=0.05):
+    """Rows x = normalize(D_true a + noise) with sparse non-negative a, as the pipeline sees them."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.nn.functional.normalize(torch.randn(d, K, generator=g, dtype=torch.float64), dim=0)
+    A = torch.zeros(B, K, dtype=torch.float64)
+    for i in range(B):
+        idx = torch.randperm(K, generator=g)[:nnz]
+        A[i, idx] = torch.rand(nnz, generator=g, dtype=torch.float64) + 0.1
+    X = A @ D.T + noise * torch.randn(B, d, generator=g, dtype=torch.float64)
+    return torch.nn.functional.normalize(X, dim=1), D
+
+
+def _objective(X, D, A, lam=LAM):
+    r = X - A @ D.T
+    return 0.5 * (r * r).sum(1) + lam * A.sum(1)
+
+
+def _reference(X, D, lam=LAM, iters=4000):
+    """FISTA with gradient restarts in float64 numpy, run far past convergence: slow but simple.
+
+    test_reference_satisfies_kkt checks that it really is optimal.
+    """
+    Dn, Xn = D.numpy(), X.numpy()
+    G, xD = Dn.T @ Dn, Xn @ Dn
+    L = float(np.linalg.eigvalsh(G)[-1])
+    a = np.zeros((Xn.shape[0], Dn.shape[1]))
+    y, t = a.copy(), 1.0
+    for _ in range(iters):
+        a_next = np.maximum(y - (y @ G - xD + lam) / L, 0.0)
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        restart = ((y - a_next) * (a_next - a)).sum(1, keepdims=True) > 0  # per-row restart
+        y = np.where(restart, a_next, a_next + (t - 1) / t_next * (a_next - a))
+        a, t = a_next, t_next
+    return torch.from_numpy(a)
+
+
+@pytest.fixture(scope="module")
+def small():
+    X, D = _problem(d=8, K=20, B=24, nnz=3, seed=0)
+    return X, D, _reference(X, D)
+
+
+def test_reference_satisfies_kkt(small):
+    # The reference itself must be optimal, or the comparisons below prove nothing.
+    X, D, A = small
+    grad = (A @ D.T - X) @ D + LAM
+    assert (A >= 0).all()
+    assert (grad >= -1e-9).all()
+    assert (grad[A > 0].abs() <= 1e-9).all()
+
+
+def test_nn_lasso_matches_reference(small):
+    X, D, A_ref = small
+    tol = 1e-4
+    res = nn_lasso(X.float(), D.float(), LAM, tol=tol)
+    assert isinstance(res, LassoResult)
+    assert res.codes.shape == (X.shape[0], D.shape[1]) and res.codes.dtype == torch.float32
+    assert (res.codes >= 0).all()
+    p = _objective(X, D, res.codes.double())
+    p_ref = _objective(X, D, A_ref)
+    assert ((p - p_ref) / p_ref).max() <= tol
+    assert (res.rel_gap <= tol).all()
+    # KKT within the tolerance the gap allows: no atom may be strongly violated.
+    grad = (res.codes.double() @ D.T - X) @ D + LAM
+    assert (grad >= -1e-2).all()
+
+
+def test_reported_gap_is_the_certificate(small):
+    X, D, A_ref = small
+    res = nn_lasso(X.float(), D.float(), LAM, tol=1e-4)
+    p, gap = duality_gap(X, D, res.codes.double(), LAM)
+    torch.testing.assert_close(res.primal.double(), p, rtol=1e-5, atol=1e-6)
+    assert (res.rel_gap.double() >= gap / p - 1e-5).all()
+    # and the certificate really bounds the distance to the optimum
+    assert (res.primal.double() - _objective(X, D, A_ref) <= res.rel_gap.double() * res.primal.double() + 1e-6).all()
+
+
+def test_duality_gap_bounds_true_gap_and_vanishes_at_optimum(small):
+    X, D, A_ref = small
+    p_star = _objective(X, D, A_ref)
+    g = torch.Generator().manual_seed(1)
+    for A in (torch.zeros_like(A_ref), A_ref * 1.3, (A_ref + 0.05 * torch.rand(A_ref.shape, generator=g, dtype=torch.float64)),
+              fista_fixed(X, D, LAM, n_iter=3)):
+        p, gap = duality_gap(X, D, A, LAM)
+        torch.testing.assert_close(p, _objective(X, D, A))
+        assert (gap >= p - p_star - 1e-12).all()
+    p, gap = duality_gap(X, D, A_ref, LAM)
+    assert (gap / p).max() < 1e-8
+
+
+def test_working_set_rounds_and_fallback():
+    # Supports larger than the first working set force several rounds; max_iter=1 forces the fallback.
+    X, D = _problem(d=32, K=200, B=40, nnz=12, seed=3)
+    A_ref = _reference(X, D)
+    p_ref = _objective(X, D, A_ref)
+    for kw in (dict(ws_size=4, ws_grow=3), dict(ws_size=4, ws_grow=3, max_iter=1)):
+        res = nn_lasso(X.float(), D.float(), LAM, tol=1e-4, **kw)
+        assert (res.rel_gap <= 1e-4).all(), kw
+        assert (((_objective(X, D, res.codes.double()) - p_ref) / p_ref) <= 1e-4).all(), kw
+    assert nn_lasso(X.float(), D.float(), LAM, tol=1e-4, ws_size=4, ws_grow=3).n_iter > 1
+
+
+def test_zero_solutions_and_degenerate_rows():
+    # atoms in the positive orthant; x = 0, and x anti-correlated with every atom: a = 0 is optimal
+    g = torch.Generator().manual_seed(5)
+    D = torch.nn.functional.normalize(torch.rand(8, 20, generator=g), dim=0)
+    anti = -torch.ones(8) / math.sqrt(8)
+    Xz = torch.stack([torch.zeros(8), anti])
+    assert (Xz @ D).max() <= LAM  # precondition of the test
+    res = nn_lasso(Xz, D, LAM)
+    assert (res.codes == 0).all()
+    assert (res.rel_gap == 0).all()
+    torch.testing.assert_close(res.primal, torch.tensor([0.0, 0.5]))
+    # empty batch
+    res = nn_lasso(torch.zeros(0, 8), D, LAM)
+    assert res.codes.shape == (0, 20)
+
+
+def test_batch_composition_does_not_change_a_row(small):
+    X, D, _ = small
+    full = nn_lasso(X.float(), D.float(), LAM, tol=1e-6).codes
+    one = nn_lasso(X[5:6].float(), D.float(), LAM, tol=1e-6).codes
+    torch.testing.assert_close(full[5:6], one, atol=1e-4, rtol=1e-3)
+
+
+def test_fista_fixed_nonneg_and_improves_with_iterations(small):
+    X, D, A_ref = small
+    objs = []
+    for n in (2, 10, 100, 2000):
+        A = fista_fixed(X, D, LAM, n_iter=n)
+        assert (A >= 0).all()
+        objs.append(float(_objective(X, D, A).sum()))
+    assert objs[0] > objs[1] > objs[2] >= objs[3] - 1e-9
+    assert objs[3] == pytest.approx(float(_objective(X, D, A_ref).sum()), rel=1e-6)
+
+
+def test_lipschitz_is_largest_eigenvalue():
+    _, D = _problem(d=8, K=20, B=1, nnz=1, seed=7)
+    ev = np.linalg.eigvalsh((D.T @ D).numpy())[-1]
+    assert math.isclose(lipschitz(D), ev, rel_tol=1e-9)
+    assert math.isclose(lipschitz(D.float()), ev, rel_tol=1e-5)
