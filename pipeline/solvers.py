@@ -15,9 +15,18 @@ we clip to [0, s_max]; at the optimum s = 1 and the gap is 0.
 
 Method (`nn_lasso`): working sets. Screen the top-m atoms of each row by correlation, solve the
 m-atom problem exactly on the Gram sub-matrix with batched block principal pivoting (Kim & Park's
-NNLS active-set method, float64), certify on the FULL dictionary, and for rows above tolerance
-re-solve with their support plus the most violating atoms. Rows still above tolerance after
-`max_iter` rounds get full-dictionary FISTA, warm-started, until the tolerance or a step budget.
+NNLS active-set method), certify on the FULL dictionary (one B x d x K matmul per round: it is also
+the pricing step), and for rows above tolerance re-solve with their support plus the atoms most
+correlated with the residual. Rows still above tolerance after `max_iter` rounds get
+full-dictionary FISTA, warm-started, until the tolerance or a stall.
+
+Why this shape: on CPU the cost is memory traffic and per-matrix LAPACK calls, not flops, so the
+sub-problems stay small (support + 16 atoms) and rows are bucketed by size. Correlation screening
+is poor on real hidden states (anisotropic: most atoms correlate with the common direction), so
+several rounds are normal; each is cheap.
+
+Precision: everything is float32. The certificate is then exact up to float32 rounding, about
+1e-6 relative; ask for tol >= 1e-5 (cert_dtype=torch.float64 makes the certificate itself exact).
 """
 from __future__ import annotations
 
@@ -90,7 +99,7 @@ def fista_fixed(X: torch.Tensor, D: torch.Tensor, lam: float, n_iter: int = 100,
     """The reference: a fixed number of FISTA steps of size 1/L; no convergence claim.
 
     The gradient goes through D twice (2*K*d per row) unless the Gram matrix is cheaper (K < 2d).
-    `A0` warm-starts (used for the fallback of `nn_lasso`).
+    `A0` warm-starts from given codes.
     """
     X = X.to(D.dtype)
     if L is None:
@@ -163,12 +172,13 @@ def _solve_free(Q: torch.Tensor, b: torch.Tensor, F: torch.Tensor, rows: torch.T
     P_all = torch.sort(Fr.to(torch.int8), dim=1, descending=True, stable=True).indices
     n_buckets = max(1, min(n_buckets, nr // 64))
     bounds = [round(i * nr / n_buckets) for i in range(n_buckets + 1)]
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+
+    def bucket(lo: int, hi: int):
         rb = order[lo:hi]
         nFb = nF[rb]
         f = int(nFb.max())
         if f == 0:
-            continue
+            return None
         P = P_all[rb, :f]
         g = rows[rb]
         Qb, bb = Q[g], b[g]
@@ -184,8 +194,13 @@ def _solve_free(Q: torch.Tensor, b: torch.Tensor, F: torch.Tensor, rows: torch.T
             bad = info != 0
             Lc[bad] = torch.linalg.cholesky_ex(Qf[bad] + 1e-5 * eye)[0]
         xf = torch.cholesky_solve((bb.gather(1, P) * valid).unsqueeze(2), Lc) * valid.unsqueeze(2)
-        y[rb] = torch.bmm(Qc, xf).squeeze(2) - bb
-        x[rb] = torch.zeros_like(bb).scatter_(1, P, xf.squeeze(2))
+        return rb, torch.zeros_like(bb).scatter_(1, P, xf.squeeze(2)), torch.bmm(Qc, xf).squeeze(2) - bb
+
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        res = bucket(lo, hi)
+        if res is not None:
+            rb, xb, yb = res
+            x[rb], y[rb] = xb, yb
     return x, y
 
 
@@ -250,7 +265,7 @@ def _certify(X, D, Dt, ws, a, lam, dtype):
         X, D, Dt, a = X.to(dtype), D.to(dtype), Dt.to(dtype), a.to(dtype)
     else:
         a = a.to(D.dtype)
-    if X.is_cuda:
+    if X.device.type != "cpu":  # gathers are cheap on GPUs; CSR mm is the CPU's fast path
         Da = torch.bmm(a.unsqueeze(1), Dt[ws]).squeeze(1)
     else:
         Da = torch.sparse.mm(_csr(ws, a, K), Dt)
@@ -322,6 +337,9 @@ def _solve_chunk(X, D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter,
         log.debug("nn_lasso: %d rows above tol after %d working-set rounds; FISTA fallback", len(rows), n_iter)
         a, p, rr, steps = _fista_to_tol(X[rows], D, lam, codes[rows], tol, fallback_steps, L())
         stats["fallback_rows"] = stats.get("fallback_rows", 0) + len(rows)
+        if cert_dtype is not None and cert_dtype != D.dtype:
+            p, g = duality_gap(X[rows].to(cert_dtype), D.to(cert_dtype), a.to(cert_dtype), lam)
+            rr = g / p.clamp(min=_TINY)
         codes[rows], primal[rows], rel[rows] = a.float(), p.float(), rr.float()
         if bool((rr > tol).any()):
             log.warning("nn_lasso: %d of %d rows stopped above tol=%g (worst rel gap %.3g) after %d fallback steps",
@@ -348,9 +366,13 @@ def nn_lasso(
     """Solve the non-negative lasso for every row of X to a certified relative duality gap `tol`.
 
     max_iter: working-set rounds before the FISTA fallback. gram: D^T D, to reuse across calls.
-    ws_size/ws_grow: initial working-set size and headroom added to the support when it grows.
-    cert_dtype: dtype of the certificate (default: D's; torch.float64 removes float32 rounding).
+    ws_size: atoms screened by correlation for the first round; ws_grow: atoms added per round.
+    fallback_steps: FISTA step budget for rows still open after max_iter rounds (0: none; their
+    rel_gap then says how far they are). cert_dtype: dtype of the certificate (default float32;
+    torch.float64 removes float32 rounding from it). Runs on the device of D.
     """
+    if lam < 0 or not tol > 0:
+        raise ValueError(f"nn_lasso: need lam >= 0 and tol > 0, got lam={lam}, tol={tol}")
     if X.ndim != 2 or D.ndim != 2 or X.shape[1] != D.shape[0]:
         raise ValueError(f"nn_lasso: X {tuple(X.shape)} and D {tuple(D.shape)} do not match")
     D = D.float()

@@ -71,6 +71,8 @@ def test_learned_dictionary_has_unit_atoms_and_stats(learned):
     assert st["init"] == "kmeans" and st["seed"] == 3 and st["batch_size"] == 128
     assert st["iterations"] == int(np.ceil(2 * 4000 / 128)) and st["samples_seen"] == st["iterations"] * 128
     assert len(st["train_objective_trace"]) >= 3
+    assert len(st["train_objective_trace_iters"]) == len(st["train_objective_trace"])
+    assert all(isinstance(v, float) for v in st["train_objective_trace"])
 
 
 def test_learning_is_deterministic(data, learned):
