@@ -95,6 +95,12 @@ aux: tokens
 	$(MLSM) pretrain --objective mlm --data $(TOKENS_DIR)/tokens.h5 --out $(AUX_RUN) --model $(MODEL) \
 	    --steps $(AUX_STEPS) --batch-size $(BATCH) --lr $(LR) --seed $(SEED) --device $(DEVICE)
 
+# A trained run (its latest checkpoint, or RUN=runs/x/step-N) as a transformers BERT folder (docs/export.md).
+.PHONY: export
+EXPORT_DIR  ?= exports/$(notdir $(RUN))
+export: setup
+	$(MLSM) export $(RUN) --out $(EXPORT_DIR) --force
+
 clean-hidden:
 	rm -f $(EXTRACT_DIR)/shard-*.parquet
 

@@ -201,6 +201,22 @@ def pretrain(data, out, objective, mlm_weight, model, init_from, steps, batch_si
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
+@cli.command()
+@click.argument("source")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write the HF model into.")
+@FORCE
+def export(source, out, force):
+    """Write SOURCE (a run, a step-XXXXXXX/ checkpoint or an HF dir) as a transformers BERT directory.
+
+    \b
+    config.json + model.safetensors (BertModel names) + vocab.txt/tokenizer.json/tokenizer_config.json;
+    the pre-training heads go to mlsm_head.safetensors / mlm_head.safetensors (docs/export.md).
+    """
+    from trainer.export import export_model
+
+    click.echo(json.dumps(export_model(source, out, force=force), indent=2))
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, standalone_mode=False)

@@ -1,0 +1,136 @@
+"""Export a checkpoint as a plain Hugging Face BERT directory, with the pre-training heads beside it.
+
+Our checkpoints already use HF parameter names; export drops what `transformers` would not expect
+(trainer state, head weights inside model.safetensors), guarantees the tokenizer files that
+`AutoTokenizer` needs, and writes each head to its own safetensors file (see docs/export.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from mlsm import __version__
+from mlsm.errors import MLSMError
+from mlsm.manifest import atomic_path
+from trainer import checkpoint
+from trainer.model import BertConfig, MLSMHead
+
+log = logging.getLogger(__name__)
+
+MLSM_HEAD_FILE = "mlsm_head.safetensors"
+MLM_HEAD_FILE = "mlm_head.safetensors"
+HEAD_FILES = {"mlsm_head": MLSM_HEAD_FILE, "mlm_head": MLM_HEAD_FILE}
+EXPORT_INFO = "mlsm_export.json"
+
+
+def _tokenizer_config(model_dir: Path, tok) -> dict:
+    """The source's tokenizer_config.json, or one describing the BERT WordPiece tokenizer we load."""
+    path = model_dir / "tokenizer_config.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    norm = json.loads(tok.to_str()).get("normalizer") or {}
+    return {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": bool(norm.get("lowercase", True)),
+        "strip_accents": norm.get("strip_accents"),
+        "tokenize_chinese_chars": bool(norm.get("handle_chinese_chars", True)),
+        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
+        "model_max_length": 512,
+    }
+
+
+def _write_tokenizer(model_dir: Path, out: Path) -> None:
+    """Copy the tokenizer files and fill in whichever of tokenizer.json / vocab.txt / config is missing."""
+    tok = checkpoint.load_tokenizer(model_dir)
+    checkpoint.copy_tokenizer_files(model_dir, out)
+    if not (out / "tokenizer.json").is_file():
+        tok.save(str(out / "tokenizer.json"))
+    if not (out / "vocab.txt").is_file():
+        vocab = tok.get_vocab(with_added_tokens=True)
+        ids = sorted(vocab.values())
+        if ids != list(range(len(ids))):
+            raise MLSMError(f"the tokenizer of {model_dir} has gaps in its ids; it cannot be written as vocab.txt.")
+        by_id = sorted(vocab, key=vocab.__getitem__)
+        (out / "vocab.txt").write_text("".join(t + "\n" for t in by_id), encoding="utf-8")
+    if not (out / "tokenizer_config.json").is_file():
+        cfg = _tokenizer_config(model_dir, tok)
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def export_model(src: str | Path, out: Path, force: bool = False) -> dict:
+    """Write a transformers-compatible BertModel directory from a run, step or HF model directory.
+
+    Returns a summary (source, heads written, parameter count). The folder appears only complete.
+    """
+    from safetensors.torch import save_file
+
+    model_dir = checkpoint.resolve_model_dir(str(src))
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise MLSMError(f"{out} already exists and is not empty; pass --force to replace it or choose another --out.")
+    encoder, config, _ = checkpoint.load_encoder(str(model_dir))
+    tensors = checkpoint._strip_prefix(checkpoint._read_tensors(model_dir))
+    src_cfg = json.loads((model_dir / checkpoint.CONFIG).read_text(encoding="utf-8"))
+    meta = src_cfg.get("mlsm") or {}
+
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for name in HEAD_FILES:
+        part = {k[len(name) + 1:]: v.contiguous() for k, v in tensors.items() if k.startswith(name + ".")}
+        if part:
+            heads[name] = part
+
+    info = {
+        "source": str(model_dir),
+        "step": meta.get("step"),
+        "objective": meta.get("objective"),
+        "mlm_weight": meta.get("mlm_weight"),
+        "num_atoms": meta.get("num_atoms"),
+        "codes_layer": meta.get("codes_layer"),
+        "codes_lambda": meta.get("codes_lambda"),
+        "heads": {n: HEAD_FILES[n] for n in heads},
+        "parameters": int(sum(v.numel() for v in encoder.state_dict().values())),
+        "mlsm_version": __version__,
+    }
+    cfg = config.to_hf()
+    if meta:
+        cfg["mlsm"] = meta  # provenance only; transformers keeps unknown keys as plain attributes
+    with atomic_path(out) as tmp:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        (tmp / checkpoint.CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        enc = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+        save_file(enc, str(tmp / checkpoint.SAFETENSORS), metadata={"format": "pt"})
+        for name, part in heads.items():
+            head_meta = {"format": "pt", "head": name, "hidden_size": str(config.hidden_size)}
+            if name == "mlsm_head":
+                head_meta["num_atoms"] = str(part["decoder.weight"].shape[0])
+                head_meta["codes_layer"] = str(meta.get("codes_layer"))
+                head_meta["codes_lambda"] = str(meta.get("codes_lambda"))
+            save_file(part, str(tmp / HEAD_FILES[name]), metadata=head_meta)
+        _write_tokenizer(model_dir, tmp)
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    log.info("exported %s -> %s (heads: %s)", model_dir, out, ", ".join(heads) or "none")
+    return info
+
+
+def load_mlsm_head(export_dir: Path) -> MLSMHead:
+    """The exported MLSM head as a module: feed it last hidden states, get K atom logits."""
+    from safetensors import safe_open
+
+    export_dir = Path(export_dir)
+    path = export_dir / MLSM_HEAD_FILE
+    if not path.is_file():
+        raise MLSMError(f"{export_dir} has no {MLSM_HEAD_FILE}: the exported model was not trained with MLSM.")
+    config = BertConfig.from_hf(json.loads((export_dir / checkpoint.CONFIG).read_text(encoding="utf-8")))
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    head = MLSMHead(config, int(state["decoder.weight"].shape[0]))
+    head.load_state_dict(state, strict=True)
+    return head.eval()
