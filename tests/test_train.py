@@ -56,7 +56,7 @@ def test_loss_falls_and_run_is_written(codes_h5, tmp_path):
     rows = _metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert set(rows[0]) == {"step", "loss", "mlsm_loss", "mlm_loss", "lr", "grad_norm", "tokens_per_s",
-                            "masked_tokens", "targets", "elapsed_s"}
+                            "masked_tokens", "targets", "skipped_steps", "elapsed_s"}
     assert all(0 < r["targets"] < r["masked_tokens"] for r in rows), "some masked tokens have no target"
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5
@@ -66,7 +66,8 @@ def test_loss_falls_and_run_is_written(codes_h5, tmp_path):
 
     ck = run / "step-0000030"
     assert Path(summary["last_checkpoint"]) == ck
-    assert {p.name for p in ck.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"}
+    assert {p.name for p in ck.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt",
+                                              "checksums.json"}
     assert [p.name for p in run.iterdir() if p.name.startswith("step-")] == ["step-0000030"]
     cfg = json.loads((ck / "config.json").read_text())
     assert cfg["mlsm"]["objective"] == "mlsm" and cfg["mlsm"]["num_atoms"] == 20 and cfg["hidden_size"] == 32

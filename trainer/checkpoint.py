@@ -68,6 +68,13 @@ def _bundled_minilm_dir() -> Path:
     return path
 
 
+def _usable(step_dir: Path) -> bool:
+    problem = checksum_problem(step_dir, full=False)
+    if problem:
+        log.warning("skipping %s: %s", step_dir, problem)
+    return problem is None
+
+
 def resolve_model_dir(spec: str | None) -> Path:
     """Turn a user's model spec (None, 'minilm', a model dir or a run dir) into a model directory."""
     if spec is None or str(spec).strip().lower() in _DEFAULT_NAMES:
@@ -82,6 +89,7 @@ def resolve_model_dir(spec: str | None) -> Path:
             # Checkpoints are written atomically, so a folder with both files is complete.
             if m and sub.is_dir() and (sub / CONFIG).is_file() and _weights_file(sub) is not None:
                 steps.append((int(m.group(1)), sub))
+        steps = [(s, sub) for s, sub in steps if _usable(sub)]
         if steps:
             latest = max(steps)[1]
             log.info("using the latest checkpoint %s of run %s", latest.name, path)
@@ -361,3 +369,59 @@ def save_model_dir(
             f.write("\n")
         save_file(flat, str(tmp / SAFETENSORS), metadata={"format": "pt"})
         copy_tokenizer_files(tokenizer_dir, tmp)
+
+
+# --------------------------------------------------------------------------- integrity
+
+CHECKSUMS = "checksums.json"
+
+
+def write_checksums(folder: Path) -> None:
+    """Flush every file of a finished checkpoint to disk and record its size and sha256.
+
+    Written last, inside the temporary folder: a checkpoint whose files were later cut short
+    (a full disk, a crash before the page cache reached the disk, a bad copy) no longer matches.
+    """
+    import os
+
+    from mlsm.manifest import sha256_file
+
+    folder = Path(folder)
+    sums = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != CHECKSUMS:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+            sums[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    with open(folder / CHECKSUMS, "w") as f:
+        json.dump(sums, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checksum_problem(folder: Path, full: bool = True) -> str | None:
+    """What is wrong with a checkpoint's files (None: they match, or it predates checksums).
+
+    `full=False` compares sizes only, which catches truncation without reading the files.
+    """
+    from mlsm.manifest import sha256_file
+
+    folder = Path(folder)
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return None
+    try:
+        sums = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"{CHECKSUMS} is unreadable ({e})"
+    for name, want in sorted(sums.items()):
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        size = p.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes, {want['bytes']} were written"
+        if full and sha256_file(p) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None

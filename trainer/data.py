@@ -6,7 +6,7 @@ order, and a window of a few thousand sequences (whole batches) is read with one
 per block, then shuffled in memory. That keeps HDF5 reads large and sequential while batches still
 mix many parts of the corpus.
 
-Everything random is a pure function of (seed, epoch, batch index, rank), so the data position
+Everything random is a pure function of (seed, epoch, batch index), so the data position
 (epoch, batch) is all a checkpoint needs to resume exactly. `Prefetcher` prepares the next steps
 on a thread while the device computes.
 """
@@ -94,12 +94,18 @@ class Batch:
 
     def rows(self, r0: int, r1: int) -> "Batch":
         """Rows r0..r1-1, trimmed to their own longest sequence."""
-        T = int(self.attention_mask[r0:r1].sum(1).max())
+        return self.take(np.arange(r0, r1))
+
+    def take(self, rows: np.ndarray) -> "Batch":
+        """These rows, in this order, trimmed to their own longest sequence."""
+        rows = np.asarray(rows, dtype=np.int64)
+        r = torch.from_numpy(rows)
+        T = int(self.attention_mask[r].sum(1).max())
         return Batch(
-            seq_ids=self.seq_ids[r0:r1],
-            input_ids=self.input_ids[r0:r1, :T].contiguous(),
-            attention_mask=self.attention_mask[r0:r1, :T].contiguous(),
-            token_index=self.token_index[r0:r1, :T],
+            seq_ids=self.seq_ids[rows],
+            input_ids=self.input_ids[r, :T].contiguous(),
+            attention_mask=self.attention_mask[r, :T].contiguous(),
+            token_index=self.token_index[rows, :T],
             codes=self.codes,
         )
 
@@ -217,8 +223,12 @@ class TokenData:
             raise MLSMError(f"{self.path} has atom indices >= K={self.K}; the file is damaged. Re-run `mlsm sparse-code`.")
         return _CodeCache(tok_lo, np.asarray(row_starts, dtype=np.int64), np.concatenate(ips), indices, np.concatenate(vals))
 
-    def get_batch(self, seq_ids, codes: _CodeCache | None = None, with_codes: bool = True) -> Batch:
-        """Pad these sequences to the longest; attach their codes (read now unless `codes` holds them)."""
+    def get_batch(self, seq_ids, codes: _CodeCache | None = None, with_codes: bool = True, read: bool = True) -> Batch:
+        """Pad these sequences to the longest; attach their codes (read now unless `codes` holds them).
+
+        With `read=False` the given cache is attached as is: it may hold only some of the rows
+        (a DDP rank's), and only those rows may ask for targets.
+        """
         seq_ids = np.asarray(seq_ids, dtype=np.int64)
         lens = self.seq_lengths[seq_ids]
         B, T = len(seq_ids), int(lens.max())
@@ -227,7 +237,7 @@ class TokenData:
         token_index = np.where(valid, self.seq_offsets[seq_ids][:, None] + pos[None, :], -1)
         ids = np.where(valid, self.tokens[np.maximum(token_index, 0)], self.pad_id)
         with_codes = with_codes and self.has_codes
-        if with_codes and codes is None:
+        if with_codes and codes is None and read:
             codes = self.read_codes(seq_ids)
         return Batch(
             seq_ids=seq_ids,
@@ -421,12 +431,14 @@ class BatchIterator:
 
     def __next__(self) -> list[dict]:
         epoch, batch = self.epoch, self.batch
-        seqs = self._rank_seqs(self.epoch_order(epoch), batch, batch + 1)[0]
-        # Sorted by length, micro-batches pad less; a batch is a set, so nothing else changes.
-        seqs = seqs[np.argsort(self.data.seq_lengths[seqs], kind="stable")]
-        b = self.data.get_batch(seqs, codes=self._codes_for(epoch, batch), with_codes=self.with_targets)
-        gen = torch.Generator().manual_seed(_seed_of(self.seed, epoch, batch, self.rank, 2))
-        # Mask the whole step at once, then split: the masks do not depend on grad_accum.
+        order = self.epoch_order(epoch)
+        glob = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+        # The whole global batch is masked with one generator of (seed, epoch, batch), and each
+        # rank then keeps its rows: masks depend neither on the world size nor on grad_accum, so
+        # a DDP run sees exactly the batches of a one-process run. Padding the global batch is
+        # cheap (tokens are in memory); only this rank's codes are ever read.
+        b = self.data.get_batch(glob, codes=self._codes_for(epoch, batch), with_codes=self.with_targets, read=False)
+        gen = torch.Generator().manual_seed(_seed_of(self.seed, epoch, batch, 2))
         ids, masked_index = mask_tokens(
             b.input_ids, b.attention_mask, torch.isin(b.input_ids, self._special), self.mask_prob,
             self.mask_policy, self.mask_id, self.vocab_size, gen, self.special_ids,
@@ -434,11 +446,16 @@ class BatchIterator:
         selected = torch.zeros(b.input_ids.numel(), dtype=torch.bool)
         selected[masked_index] = True
         selected = selected.view(b.input_ids.shape)
+        local = self.batch_size // self.world_size
+        mine = np.arange(self.rank * local, (self.rank + 1) * local)
+        # Sorted by length, micro-batches pad less; a batch is a set, so nothing else changes.
+        mine = mine[np.argsort(self.data.seq_lengths[glob[mine]], kind="stable")]
         micro = []
-        for rows in np.array_split(np.arange(len(seqs)), self.micro_batches):
-            sub = b.rows(int(rows[0]), int(rows[-1]) + 1)
+        for rows in np.array_split(mine, self.micro_batches):
+            sub = b.take(rows)
             T = sub.input_ids.shape[1]
-            micro.append(self._pack(sub, ids[rows[0] : rows[-1] + 1, :T], selected[rows[0] : rows[-1] + 1, :T]))
+            r = torch.from_numpy(rows)
+            micro.append(self._pack(sub, ids[r, :T], selected[r, :T]))
         self.batch += 1
         if self.batch >= self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
@@ -469,11 +486,12 @@ class Prefetcher:
     after the last batch handed out, not after the one being prepared.
     """
 
-    def __init__(self, it: BatchIterator, depth: int = 2):
+    def __init__(self, it: BatchIterator, depth: int = 2, pin_memory: bool = False):
         import queue
         import threading
 
         self._it = it
+        self._pin = pin_memory
         self._state = it.state_dict()
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -485,7 +503,11 @@ class Prefetcher:
 
         while not self._stop.is_set():
             try:
-                item = (next(self._it), self._it.state_dict(), None)
+                micro = next(self._it)
+                if self._pin:  # page-locked host memory lets the copies to the GPU run asynchronously
+                    micro = [{k: v.pin_memory() if torch.is_tensor(v) and k != "target_indptr" else v
+                              for k, v in m.items()} for m in micro]
+                item = (micro, self._it.state_dict(), None)
             except BaseException as e:  # handed to the consumer, raised there
                 item = (None, None, e)
             while not self._stop.is_set():

@@ -7,6 +7,7 @@ bit-identically on CPU: weights, optimizer, RNG state and the data position.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from mlsm import __version__
 from mlsm.errors import MLSMError
 from mlsm.manifest import atomic_path, write_json_atomic
-from trainer import checkpoint
+from trainer import checkpoint, distributed
 from trainer.data import MASK_POLICIES, BatchIterator, Prefetcher, TokenData
 from trainer.model import BertConfig, Student
 from trainer.objectives import mlm_loss, mlsm_kl_loss
@@ -31,13 +32,16 @@ from trainer.objectives import mlm_loss, mlsm_kl_loss
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("mlsm", "mlm")
+PRECISIONS = ("auto", "bf16", "fp32")
 RUN_JSON = "run.json"
 METRICS = "metrics.jsonl"
 TRAINER_STATE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step-(\d{7})$")
 # Settings that may change when a run is resumed: they decide how long it runs and what it
 # records, not what a step computes. `steps` may only grow (checked separately).
-_RESUMABLE = {"steps", "device", "log_every", "save_every", "milestones", "keep_last", "progress", "data", "out_dir"}
+_RESUMABLE = {"steps", "device", "log_every", "save_every", "milestones", "keep_last", "progress", "data", "out_dir",
+              "compile", "max_bad_steps"}
+_DAMAGED = "damaged-"  # prefix a checkpoint that fails its checksums is renamed to (kept, never loaded)
 
 
 @dataclass
@@ -66,6 +70,9 @@ class PretrainConfig:
     log_every: int = 10
     max_len: int = 128
     progress: bool = True  # tqdm bar (the CLI's --no-progress)
+    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
+    compile: bool = False  # torch.compile the student
+    max_bad_steps: int = 10  # this many consecutive non-finite steps stop the run
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -95,6 +102,10 @@ def _validate(cfg: PretrainConfig) -> None:
         problems.append(f"mlm_weight must be >= 0 (got {cfg.mlm_weight})")
     if cfg.lr <= 0:
         problems.append(f"lr must be > 0 (got {cfg.lr})")
+    if cfg.precision not in PRECISIONS:
+        problems.append(f"precision {cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if cfg.max_bad_steps < 1:
+        problems.append(f"max_bad_steps must be >= 1 (got {cfg.max_bad_steps})")
     if problems:
         raise MLSMError("invalid pretrain settings: " + "; ".join(problems) + ".")
 
@@ -145,6 +156,37 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _load_problem(ck_dir: Path) -> str | None:
+    """For checkpoints written before checksums existed: can its files be read at all?"""
+    from safetensors.torch import load_file
+
+    try:
+        load_file(ck_dir / checkpoint.SAFETENSORS)
+        torch.load(ck_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
+        json.loads((ck_dir / checkpoint.CONFIG).read_text())
+    except Exception as e:  # any damage: a cut file raises all sorts of errors
+        return f"it cannot be read ({type(e).__name__}: {str(e)[:200]})"
+    return None
+
+
+def _latest_good_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
+    """The newest checkpoint whose files are intact. Damaged newer ones are renamed aside (kept, not loaded)."""
+    for step, path in reversed(_checkpoints(out_dir)):
+        problem = checkpoint.checksum_problem(path)
+        if problem is None and not (path / checkpoint.CHECKSUMS).is_file():
+            problem = _load_problem(path)
+        if problem is None:
+            return step, path
+        aside = path.with_name(_DAMAGED + path.name)
+        n = 1
+        while aside.exists():
+            aside, n = path.with_name(f"{_DAMAGED}{n}-{path.name}"), n + 1
+        path.rename(aside)
+        log.warning("checkpoint %s is damaged: %s. Moved it to %s; falling back to the previous checkpoint.",
+                    path, problem, aside.name)
+    return None
+
+
 def _milestone_steps(cfg: PretrainConfig) -> set[int]:
     if not cfg.milestones:
         return set()
@@ -152,6 +194,9 @@ def _milestone_steps(cfg: PretrainConfig) -> set[int]:
 
 
 def _check_resume_config(old: dict, new: dict, latest_step: int) -> None:
+    # A setting added after the run was started counts as unchanged while it keeps its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
+    old = {**{k: defaults[k] for k in new if k not in old and k in defaults}, **old}
     diff = sorted(k for k in set(old) | set(new) if k not in _RESUMABLE and old.get(k) != new.get(k))
     if diff:
         what = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
@@ -244,24 +289,73 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
-    """Train (or resume) a student; returns a summary of this invocation."""
+    """Train (or resume) a student; returns a summary of this invocation.
+
+    Under `torchrun` every process calls this; each reads its own part of every batch, gradients
+    are averaged by DDP, and rank 0 alone writes the run directory.
+    """
     _validate(cfg)
     cfg = dataclasses.replace(
         cfg, data=Path(cfg.data), out_dir=Path(cfg.out_dir),
         init_from=None if cfg.init_from is None else Path(cfg.init_from),
     )
     device = _device(cfg.device)
-    is_cuda = device.type == "cuda"
-    rank, world_size = 0, 1  # DDP: take these from torch.distributed and wrap the model; the rest holds
-
-    data = TokenData(cfg.data)
+    dist_info = distributed.init(device)
     try:
-        return _run(cfg, data, device, is_cuda, rank, world_size)
+        device = distributed.device_for(dist_info, device)
+        data = TokenData(cfg.data)
+        try:
+            return _run(cfg, data, device, dist_info)
+        finally:
+            data.close()
     finally:
-        data.close()
+        distributed.shutdown(dist_info)
 
 
-def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, is_cuda: bool, rank: int, world_size: int) -> dict:
+def _prepare_run_dir(cfg: PretrainConfig, cfg_json: dict, data_fp: str, tok_fp: str) -> tuple[int, Path] | None:
+    """Rank 0: clean what a kill left, check a resumed run's settings, pick the checkpoint to resume."""
+    out_dir = cfg.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".step-*.tmp"):  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+    latest = _latest_good_checkpoint(out_dir)
+    run_json = out_dir / RUN_JSON
+    if run_json.is_file():
+        with open(run_json) as f:
+            old = json.load(f)
+        if latest:
+            if old.get("data_fingerprint") != data_fp:
+                raise MLSMError(
+                    f"{cfg.data} is not the data this run was trained on (its fingerprint changed). Point --data "
+                    "at the original file, or start a new run directory."
+                )
+            _check_resume_config(old["config"], cfg_json, latest[0])
+        else:
+            log.info("%s has no usable checkpoint yet; starting afresh", out_dir)
+    write_json_atomic(
+        run_json,
+        {"config": cfg_json, "data_fingerprint": data_fp, "tokenizer_fingerprint": tok_fp, "mlsm_version": __version__},
+    )
+    return latest
+
+
+def _adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """The fused kernel where this torch has one for the device (CUDA, and CPU since torch 2.4)."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    except (RuntimeError, TypeError, ValueError) as e:
+        log.info("fused AdamW unavailable here (%s); using the default implementation", e)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, dist_info: distributed.DistInfo) -> dict:
+    is_cuda = device.type == "cuda"
+    rank, world_size, main = dist_info.rank, dist_info.world_size, dist_info.is_main
     use_mlsm = cfg.objective == "mlsm"
     use_mlm = cfg.objective == "mlm" or cfg.mlm_weight > 0
     if use_mlsm and not data.has_codes:
@@ -273,6 +367,11 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, is_cuda: bo
         raise MLSMError(
             f"{cfg.data} has sequences of {data.max_seq_len} tokens, longer than --max-len {cfg.max_len}; "
             f"pass --max-len {data.max_seq_len} or rebuild the data with the shorter length."
+        )
+    if cfg.batch_size % (cfg.grad_accum * world_size):
+        raise MLSMError(
+            f"batch size {cfg.batch_size} is not divisible by grad_accum x processes = {cfg.grad_accum} x {world_size}; "
+            "choose a batch size that is (it is the global batch, split over the processes)."
         )
     init_dir = checkpoint.resolve_model_dir(str(cfg.init_from)) if cfg.init_from is not None else None
     tok_dir = cfg.data.parent / "tokenizer"
@@ -288,37 +387,26 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, is_cuda: bo
     num_atoms = data.K if use_mlsm else None
     data_fp = data.fingerprint()
 
-    # ---- run directory: a new run, or the resumption of an old one
+    # ---- run directory (rank 0), then every rank learns which checkpoint to resume from
     out_dir = cfg.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".step-*.tmp"):  # left by a killed save
-        shutil.rmtree(stale, ignore_errors=True)
     cfg_json = cfg.to_json()
-    ckpts = _checkpoints(out_dir)
-    run_json = out_dir / RUN_JSON
-    if run_json.is_file():
-        with open(run_json) as f:
-            old = json.load(f)
-        if ckpts:
-            if old.get("data_fingerprint") != data_fp:
-                raise MLSMError(
-                    f"{cfg.data} is not the data this run was trained on (its fingerprint changed). Point --data "
-                    "at the original file, or start a new run directory."
-                )
-            _check_resume_config(old["config"], cfg_json, ckpts[-1][0])
-        else:
-            log.info("%s has no checkpoint yet; starting afresh", out_dir)
-    write_json_atomic(
-        run_json,
-        {"config": cfg_json, "data_fingerprint": data_fp, "tokenizer_fingerprint": tok_fp, "mlsm_version": __version__},
-    )
+    latest, setup_error = None, None
+    if main:
+        try:
+            latest = _prepare_run_dir(cfg, cfg_json, data_fp, tok_fp)
+        except MLSMError as e:
+            setup_error = str(e)
+    latest, setup_error = distributed.broadcast_object((latest, setup_error), dist_info)
+    if setup_error is not None:
+        raise MLSMError(setup_error)
 
     # ---- model
     torch.manual_seed(cfg.seed)
     start_step, state = 0, None
-    if ckpts:
-        start_step, ck_dir = ckpts[-1]
-        log.info("resuming from %s", ck_dir)
+    if latest:
+        start_step, ck_dir = latest
+        if main:
+            log.info("resuming from %s", ck_dir)
         model = checkpoint.load_student(ck_dir, num_atoms, use_mlm)
         state = torch.load(ck_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
     elif init_dir is not None:
@@ -340,35 +428,60 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, is_cuda: bo
         )
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("student: %d layers, hidden %d, %.2fM parameters, objective %s%s, device %s",
-             config.num_hidden_layers, config.hidden_size, n_params / 1e6, cfg.objective,
-             f" + {cfg.mlm_weight} x MLM" if use_mlsm and use_mlm else "", device)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and is_cuda)
+    if main:
+        log.info("student: %d layers, hidden %d, %.2fM parameters, objective %s%s, device %s%s%s%s",
+                 config.num_hidden_layers, config.hidden_size, n_params / 1e6, cfg.objective,
+                 f" + {cfg.mlm_weight} x MLM" if use_mlsm and use_mlm else "", device,
+                 f", {world_size} processes" if world_size > 1 else "", ", bf16 autocast" if bf16 else "",
+                 ", compiled" if cfg.compile else "")
+    # `model` is what is saved; `step_model` is what runs the steps (DDP-wrapped and/or compiled).
+    step_model: torch.nn.Module = model
+    ddp = None
+    if dist_info.active:
+        from torch.nn.parallel import DistributedDataParallel
 
-    opt = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-        **({"fused": True} if is_cuda else {}),
-    )
+        step_model = ddp = DistributedDataParallel(model, device_ids=[device.index] if is_cuda else None)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
+
+    opt = _adamw(_param_groups(model, cfg.weight_decay), cfg.lr)
     batches = BatchIterator(
         data, cfg.batch_size, seed=cfg.seed, mask_id=special["mask"], vocab_size=vocab_size,
         special_ids=[special[k] for k in ("cls", "sep", "pad", "mask")], mask_prob=cfg.mask_prob,
         mask_policy=cfg.mask_policy, micro_batches=cfg.grad_accum, rank=rank, world_size=world_size,
         with_targets=use_mlsm,
     )
+    skipped_total = bad_streak = 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if is_cuda and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rng"]
+        per_rank = rng.get("per_rank")
+        if per_rank is not None and len(per_rank) == world_size:
+            rng = per_rank[rank]
+        elif rank > 0:
+            log.warning("the checkpoint holds RNG states for %s processes, this run has %d: dropout on rank %d "
+                        "will differ from an uninterrupted run", len(per_rank or [0]), world_size, rank)
+        torch.set_rng_state(rng["torch"])
+        if is_cuda and rng.get("cuda") is not None:
+            cuda_state = rng["cuda"]
+            if isinstance(cuda_state, (list, tuple)):  # written by get_rng_state_all
+                cuda_state = cuda_state[device.index or 0]
+            torch.cuda.set_rng_state(cuda_state, device)
+        skipped_total = int(state.get("skipped_steps", 0))
+        bad_streak = int(state.get("bad_streak", 0))
     metrics_path = out_dir / METRICS
-    _truncate_metrics(metrics_path, start_step)
+    if main:
+        _truncate_metrics(metrics_path, start_step)
 
-    last_ckpt = ckpts[-1][1] if ckpts else None
+    last_ckpt = latest[1] if latest else None
     if start_step >= cfg.steps:
-        log.info("%s already reached step %d; nothing to do", out_dir, start_step)
+        if main:
+            log.info("%s already reached step %d; nothing to do", out_dir, start_step)
         rows = _read_metrics(metrics_path)
         return _summary(cfg, start_step, start_step, rows[0]["loss"] if rows else None,
-                        rows[-1]["loss"] if rows else None, 0.0, 0, last_ckpt, device)
+                        rows[-1]["loss"] if rows else None, 0.0, 0, last_ckpt, device, skipped_total)
 
     extra = {
         "mlsm": {
@@ -383,20 +496,27 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, is_cuda: bo
 
     def save(step: int) -> Path:
         final = out_dir / f"step-{step:07d}"
+        per_rank = distributed.gather_object(_rng_state(device), dist_info)  # every rank takes part
+        if not main:
+            return final
         trainer_state = {
             "step": step,
             "optimizer": opt.state_dict(),
             "scheduler": {"kind": "linear_warmup_linear_decay", "peak_lr": cfg.lr, "total_steps": cfg.steps,
                           "warmup_steps": int(round(cfg.warmup * cfg.steps))},
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if is_cuda else None},
+            "rng": {**per_rank[0], "per_rank": per_rank if world_size > 1 else None},
             "data": batches.state_dict(),
             "config": cfg_json,
+            "skipped_steps": skipped_total,
+            "bad_streak": bad_streak,
+            "world_size": world_size,
         }
         tensors = {**model.encoder_state_dict(), **model.head_state_dict()}
         extra["mlsm"]["step"] = step
         with atomic_path(final) as tmp:
             checkpoint.save_model_dir(tmp, config, tensors, tok_dir, extra_json=extra)
             torch.save(trainer_state, tmp / TRAINER_STATE)
+            checkpoint.write_checksums(tmp)
         log.info("saved %s", final)
         if cfg.keep_last > 0:
             keep = _milestone_steps(cfg) | {cfg.steps}
@@ -409,44 +529,64 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, is_cuda: bo
     if is_cuda:
         # The host would otherwise idle while the GPU computes; on CPU the thread only competes
         # with the compute threads. From here on, the position is the prefetcher's.
-        batches = Prefetcher(batches)
+        batches = Prefetcher(batches, pin_memory=True)
     model.train()
     step = start_step
     initial_loss = final_loss = None
     t_start = t_last = time.time()
     tokens_since = tokens_total = 0
     pbar = tqdm(total=cfg.steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
-                disable=not cfg.progress)
-    metrics_file = open(metrics_path, "a")
+                disable=not (cfg.progress and main))
+    metrics_file = open(metrics_path, "a") if main else None
     try:
         while step < cfg.steps:
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
             micro = next(batches)
-            n_masked = sum(m["n_masked"] for m in micro)
-            n_targets = sum(m.get("n_targets", 0) for m in micro)
-            n_tokens = sum(m["n_tokens"] for m in micro)
+            # Global counts: every micro-batch on every rank weighs by its share of the step's
+            # targets, so the update is the full batch's mean whatever the split.
+            counts = [sum(m.get("n_targets", 0) for m in micro), sum(m["n_masked"] for m in micro),
+                      sum(m["n_tokens"] for m in micro)]
+            if dist_info.active:
+                counts = [int(c) for c in distributed.all_reduce_sum(
+                    torch.tensor(counts, dtype=torch.float64, device=device), dist_info).tolist()]
+            n_targets, n_masked, n_tokens = counts
             step_mlsm = step_mlm = torch.zeros((), device=device)
-            for m in micro:
+            for i, m in enumerate(micro):
                 m = _to(m, device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=is_cuda):
-                    out = model(m["input_ids"], m["attention_mask"], m["masked_index"])
-                # Each micro-batch weighs by its share of the step's targets, so accumulation
-                # gives exactly the full batch's mean, however the targets fall across micro-batches.
-                loss = torch.zeros((), device=device)
-                if use_mlsm:
-                    kl, n = mlsm_kl_loss(out["mlsm_logits"], m["target_indptr"], m["target_indices"], m["target_values"])
-                    part = kl * (n / max(n_targets, 1))
-                    step_mlsm = step_mlsm + part.detach()
-                    loss = loss + part
-                if use_mlm:
-                    part = mlm_loss(out["mlm_logits"], m["mlm_labels"]) * (m["n_masked"] / max(n_masked, 1))
-                    step_mlm = step_mlm + part.detach()
-                    loss = loss + (cfg.mlm_weight if use_mlsm else 1.0) * part
-                loss.backward()
+                # Gradients are averaged over the processes once per step, after the last micro-batch.
+                with ddp.no_sync() if ddp is not None and i < len(micro) - 1 else contextlib.nullcontext():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        out = step_model(m["input_ids"], m["attention_mask"], m["masked_index"])
+                    loss = torch.zeros((), device=device)
+                    if use_mlsm:
+                        kl, n = mlsm_kl_loss(out["mlsm_logits"], m["target_indptr"], m["target_indices"], m["target_values"])
+                        part = kl * (n / max(n_targets, 1))
+                        step_mlsm = step_mlsm + part.detach()
+                        loss = loss + part
+                    if use_mlm:
+                        part = mlm_loss(out["mlm_logits"], m["mlm_labels"]) * (m["n_masked"] / max(n_masked, 1))
+                        step_mlm = step_mlm + part.detach()
+                        loss = loss + (cfg.mlm_weight if use_mlsm else 1.0) * part
+                    # DDP averages gradients over the processes; the parts above already sum to the mean.
+                    (loss * world_size if world_size > 1 else loss).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
-            opt.step()
+            # One host transfer per step decides whether the update is safe to apply (the same on
+            # every rank: gradients are already averaged, and the losses are summed here).
+            parts = distributed.all_reduce_sum(torch.stack([step_mlsm.float(), step_mlm.float()]), dist_info)
+            mlsm_v, mlm_v, gn = torch.cat([parts, grad_norm.reshape(1).float()]).tolist()
+            total = mlsm_v + cfg.mlm_weight * mlm_v if use_mlsm and use_mlm else (mlsm_v if use_mlsm else mlm_v)
+            good = math.isfinite(total) and math.isfinite(gn)
+            if good:
+                opt.step()
+                bad_streak = 0
+            else:
+                skipped_total += 1
+                bad_streak += 1
+                if main:
+                    log.warning("step %d: the loss is %s and the gradient norm %s; skipped (no update), %d in a row, "
+                                "%d in all", step + 1, total, gn, bad_streak, skipped_total)
             opt.zero_grad(set_to_none=True)
             step += 1
             tokens_since += n_tokens
@@ -454,45 +594,55 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, is_cuda: bo
             pbar.update(1)
 
             # Which steps are logged must not depend on where a run was resumed.
-            log_now = step % cfg.log_every == 0 or step == 1 or step == cfg.steps
-            if log_now or initial_loss is None:
-                mlsm_v = float(step_mlsm) if use_mlsm else None
-                mlm_v = float(step_mlm) if use_mlm else None
-                total = mlsm_v + cfg.mlm_weight * mlm_v if use_mlsm and use_mlm else (mlsm_v if use_mlsm else mlm_v)
-                if not math.isfinite(total):
-                    raise MLSMError(f"the loss became {total} at step {step}; lower --lr or raise --warmup, then resume.")
+            log_now = step % cfg.log_every == 0 or step == 1 or step == cfg.steps or not good
+            if good:
                 if initial_loss is None:
                     initial_loss = total
-                    log.info("initial loss %.4f (step %d)", total, step)
+                    if main:
+                        log.info("initial loss %.4f (step %d)", total, step)
                 final_loss = total
-            if log_now:
+            if log_now and main:
                 now = time.time()
                 row = {
-                    "step": step, "loss": total, "mlsm_loss": mlsm_v, "mlm_loss": mlm_v, "lr": lr,
-                    "grad_norm": float(grad_norm), "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
+                    "step": step, "loss": total, "mlsm_loss": mlsm_v if use_mlsm else None,
+                    "mlm_loss": mlm_v if use_mlm else None, "lr": lr,
+                    "grad_norm": gn, "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
                     "masked_tokens": n_masked, "targets": n_targets if use_mlsm else None,
-                    "elapsed_s": now - t_start,
+                    "skipped_steps": skipped_total, "elapsed_s": now - t_start,
                 }
                 t_last, tokens_since = now, 0
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 pbar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
                 log.debug("step %d: %s", step, row)
+            if bad_streak >= cfg.max_bad_steps:
+                raise MLSMError(
+                    f"stopped at step {step}: {bad_streak} consecutive steps ({step - bad_streak + 1}..{step}) had a "
+                    f"non-finite loss or gradient, so none of them changed the weights. The last good checkpoint is "
+                    f"{last_ckpt if last_ckpt is not None else 'none (no checkpoint was written yet)'}. Lower --lr or "
+                    "raise --warmup and start a new run from it with --init-from, or check the data "
+                    "(--max-bad-steps sets how many bad steps in a row are tolerated)."
+                )
 
             if step in save_at or (cfg.save_every > 0 and step % cfg.save_every == 0):
                 last_ckpt = save(step)
+        distributed.barrier(dist_info)  # rank 0's last checkpoint is complete before anyone returns
     finally:
         if isinstance(batches, Prefetcher):
             batches.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         pbar.close()
 
     wall = time.time() - t_start
-    log.info("final loss %.4f after %d steps (%.1f s, %.0f tokens/s)", final_loss, step, wall, tokens_total / max(wall, 1e-9))
-    return _summary(cfg, start_step, step, initial_loss, final_loss, wall, tokens_total, last_ckpt, device)
+    if main:
+        log.info("final loss %s after %d steps (%.1f s, %.0f tokens/s%s)", final_loss, step, wall,
+                 tokens_total / max(wall, 1e-9), f", {skipped_total} skipped" if skipped_total else "")
+    return _summary(cfg, start_step, step, initial_loss, final_loss, wall, tokens_total, last_ckpt, device,
+                    skipped_total)
 
 
-def _summary(cfg, start_step, step, initial_loss, final_loss, wall, tokens, last_ckpt, device) -> dict:
+def _summary(cfg, start_step, step, initial_loss, final_loss, wall, tokens, last_ckpt, device, skipped=0) -> dict:
     done = step - start_step
     return {
         "steps": step,
@@ -505,4 +655,5 @@ def _summary(cfg, start_step, step, initial_loss, final_loss, wall, tokens, last
         "out_dir": str(cfg.out_dir),
         "last_checkpoint": None if last_ckpt is None else str(last_ckpt),
         "device": str(device),
+        "skipped_steps": skipped,
     }
