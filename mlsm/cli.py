@@ -235,6 +235,51 @@ def eval_data(pip_root, npm_root, out, tasks, seed, force):
     click.echo(json.dumps({t: s["splits"] for t, s in specs.items()}, indent=2))
 
 
+@cli.command()
+@click.option("--model", required=True,
+              help="A run (its latest checkpoint), a step-XXXXXXX/ checkpoint, an exported HF BERT dir or 'minilm'.")
+@click.option("--task", "tasks", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Task folder with train.* and dev.*/test.* (.tsv/.csv/.jsonl or .conll); repeat for several.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write <out>/<task>/results.json and <out>/results.md.")
+@click.option("--seeds", default=3, help="Fine-tuning runs with seeds seed, seed+1, ...")
+@click.option("--seed", default=0)
+@click.option("--epochs", default=3.0)
+@click.option("--lr", default=2e-5)
+@click.option("--batch", default=32)
+@click.option("--weight-decay", default=0.01)
+@click.option("--warmup", default=0.1, help="Fraction of steps of linear warm-up, then linear decay.")
+@click.option("--max-len", default=128, help="Tokens per example, [CLS]/[SEP] included (longer ones are cut).")
+@click.option("--max-train", type=int, default=None, help="Seeded subsample of the training set (quick runs).")
+@click.option("--max-eval", type=int, default=None, help="Score only the first N dev/test examples.")
+@click.option("--text-cols", default=None, help="Text column(s) by name or 0-based index, e.g. sentence1,sentence2.")
+@click.option("--label-col", default=None, help="Label column by name or 0-based index.")
+@DEVICE
+@NO_PROGRESS
+def finetune(model, tasks, out, seeds, seed, epochs, lr, batch, weight_decay, warmup, max_len, max_train, max_eval,
+             text_cols, label_col, device, no_progress):
+    """Fine-tune MODEL on each --task with several seeds; report accuracy, macro-F1 (MCC if binary), mean ± std.
+
+    \b
+    Protocol defaults are DESIGN.md's: 3 epochs, lr 2e-5, batch 32, weight decay 0.01, 3 seeds.
+    Scores are those after the last epoch (no selection on dev); test is scored when labelled.
+    """
+    from trainer.finetune import FinetuneConfig, markdown_table, run_finetune
+
+    results = []
+    for task in tasks:
+        cfg = FinetuneConfig(model=model, task=task, out_dir=(out / Path(task).name) if out else None, seeds=seeds,
+                             seed=seed, epochs=epochs, lr=lr, batch=batch, weight_decay=weight_decay, warmup=warmup,
+                             max_len=max_len, max_train=max_train, max_eval=max_eval,
+                             text_cols=tuple(text_cols.split(",")) if text_cols else None, label_col=label_col,
+                             device=device, progress=not no_progress)
+        results.append(run_finetune(cfg))
+    table = markdown_table(results)
+    if out:
+        (Path(out) / "results.md").write_text(table, encoding="utf-8")
+    click.echo(table)
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, standalone_mode=False)
