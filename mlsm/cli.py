@@ -280,6 +280,29 @@ def finetune(model, tasks, out, seeds, seed, epochs, lr, batch, weight_decay, wa
     click.echo(table)
 
 
+@cli.command("layer-report")
+@click.option("--extract-dir", type=click.Path(path_type=Path), default=Path("data/extract"),
+              help="Output of `mlsm extract --layers 2,4,6` (several layers in one pass).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results/layer-report"))
+@click.option("--layers", multiple=True, callback=parse_layers, help="Subset of the extracted layers (default: all).")
+@click.option("-k", "--K", "K", default=500, help="Dictionary size for the report (smaller than training's K: cheap).")
+@click.option("--lambda", "lam", default=0.05)
+@click.option("--samples", default=20_000, help="Tokens to learn each layer's dictionary on.")
+@click.option("--heldout", default=5_000, help="Held-out tokens the measures are computed on (same for every layer).")
+@click.option("--few", default=3, help="An atom is 'lexical' if it fires for at most this many token types.")
+@click.option("--seed", default=0)
+@DEVICE
+@NO_PROGRESS
+def layer_report(extract_dir, out, layers, K, lam, samples, heldout, few, seed, device, no_progress):
+    """Per extracted layer: held-out sparse-coding objective, nnz, atom-usage entropy, lexical atoms, aux FLOPs."""
+    from pipeline.layer_report import layer_report as run, markdown
+    from trainer.train import _device
+
+    rep = run(extract_dir, out, layers=layers or None, K=K, lam=lam, samples=samples, heldout=heldout, few=few,
+              seed=seed, device=str(_device(device)), progress=not no_progress)
+    click.echo(markdown(rep))
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, standalone_mode=False)

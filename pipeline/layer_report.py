@@ -1,0 +1,189 @@
+"""Per-layer measures that may predict a good target layer, computed cheaply on a sample.
+
+For each extracted layer, on the same sampled tokens: learn a small dictionary, code held-out
+tokens, and report
+- the held-out sparse-coding objective (and the share of it the code removes: 1 - obj/0.5, since
+  x has unit norm and a = 0 costs 0.5);
+- nnz per token;
+- atom-usage entropy over the held-out codes (bits, and divided by log2 K);
+- how lexical the atoms are: the share of used atoms that fire for few token types, and the share
+  of which one token type makes up at least half of the activations;
+- the auxiliary FLOPs per token to reach the layer (forward only, at the extract's sequence length).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from mlsm import __version__
+from mlsm.errors import MLSMError
+from mlsm.manifest import read_manifest, write_json_atomic
+from pipeline.dictionary import learn_dictionary
+from pipeline.shards import read_rows
+from pipeline.solvers import nn_lasso
+from pipeline.sparse_code import normalize_rows
+
+log = logging.getLogger(__name__)
+
+
+def aux_flops_per_token(config: dict, layer: int, seq_len: int) -> float:
+    """Forward FLOPs per token through blocks 1..layer (2 per multiply-add; embeddings ~0).
+
+    Per block: Q, K, V and output projections 4*H^2, feed-forward 2*H*I, attention scores and
+    the weighted sum 2*T*H multiply-adds.
+    """
+    H, I = config["hidden_size"], config["intermediate_size"]
+    per_block = 2 * (4 * H * H + 2 * H * I + 2 * seq_len * H)
+    return float(layer * per_block)
+
+
+def sample_rows(shards: list[dict], n: int, seed: int) -> np.ndarray:
+    """Sorted global row numbers of a seeded uniform sample (the same rows for every layer)."""
+    total = int(sum(s["tokens"] for s in shards))
+    n = min(n, total)
+    return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+
+
+def _read_sample(extract_dir: Path, shards: list[dict], rows: np.ndarray, layer: int | None) -> np.ndarray:
+    """Hidden states of `layer` (or token ids if layer is None) at the global `rows`."""
+    out, start = [], 0
+    for s in shards:
+        sel = rows[(rows >= start) & (rows < start + s["tokens"])] - start
+        if len(sel):
+            path = extract_dir / s["file"]
+            if layer is None:
+                ids = pq.read_table(path, columns=["token_id"]).column("token_id").to_numpy()
+                out.append(ids[sel])
+            else:
+                out.append(read_rows(path, layer, sel))
+        start += s["tokens"]
+    return np.concatenate(out)
+
+
+def atom_stats(codes: torch.Tensor, token_ids: np.ndarray, few: int) -> dict:
+    """Usage entropy, and how lexical the atoms are: share spanning <= `few` types, share dominated by one."""
+    K = codes.shape[1]
+    active = codes > 0
+    uses = active.sum(0).double()
+    used = uses > 0
+    p = uses[used] / uses.sum()
+    entropy = float(-(p * p.log2()).sum()) if len(p) else 0.0
+    tok = torch.as_tensor(token_ids.astype(np.int64))
+    rows, atoms = active.nonzero(as_tuple=True)
+    if len(rows):
+        pairs, counts = torch.unique(torch.stack([atoms, tok[rows]]), dim=1, return_counts=True)
+    else:
+        pairs, counts = torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    types_per_atom = torch.bincount(pairs[0], minlength=K)
+    top_type = torch.zeros(K, dtype=torch.long).scatter_reduce(0, pairs[0], counts, reduce="amax")
+    n_used = int(used.sum())
+    few_share = float(((types_per_atom[used] <= few).sum()) / n_used) if n_used else float("nan")
+    lexical = float((top_type[used] >= 0.5 * uses[used]).sum() / n_used) if n_used else float("nan")
+    return {
+        "atoms_used": n_used,
+        "atoms_dead_share": 1.0 - n_used / K,
+        "usage_entropy_bits": entropy,
+        "usage_entropy_norm": entropy / math.log2(K),
+        "few_type_atom_share": few_share,
+        "lexical_atom_share": lexical,  # one token type makes up >= half of the atom's activations
+        "types_per_used_atom_median": float(types_per_atom[used].double().median()) if n_used else float("nan"),
+    }
+
+
+def layer_report(
+    extract_dir: Path,
+    out_dir: Path | None = None,
+    layers: list[int] | None = None,
+    K: int = 500,
+    lam: float = 0.05,
+    samples: int = 20_000,
+    heldout: int = 5_000,
+    few: int = 3,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    extract_dir = Path(extract_dir)
+    man = read_manifest(extract_dir, stage="extract", fix="run `mlsm extract --layers 2,4,6` first")
+    have = list(man["params"]["layers"])
+    layers = have if not layers else layers
+    missing = sorted(set(layers) - set(have))
+    if missing:
+        raise MLSMError(f"{extract_dir} has layers {have}, not {missing}; re-extract with `mlsm extract --layers "
+                        f"{','.join(map(str, sorted(set(have) | set(layers))))}`.")
+    shards = man["shards"]
+    rows = sample_rows(shards, samples + heldout, seed)
+    if len(rows) < samples + heldout:
+        log.warning("only %d tokens extracted; using them all (%d for held-out)", len(rows), min(heldout, len(rows) // 5))
+        heldout = min(heldout, len(rows) // 5)
+    perm = np.random.default_rng(seed + 1).permutation(len(rows))
+    train_idx, held_idx = perm[heldout:], perm[:heldout]
+    token_ids = _read_sample(extract_dir, shards, rows, None)
+    aux_cfg = man.get("aux_config") or {}
+    seq_len = int(man["params"].get("max_len", 128))
+    last = aux_cfg.get("num_hidden_layers", max(layers))
+    full_flops = aux_flops_per_token(aux_cfg, last, seq_len) if aux_cfg else float("nan")
+
+    per_layer = []
+    for layer in layers:
+        X = normalize_rows(_read_sample(extract_dir, shards, rows, layer), device)
+        Xtr, Xho = X[torch.as_tensor(train_idx)], X[torch.as_tensor(held_idx)]
+        res = learn_dictionary(Xtr, K=K, lam=lam, seed=seed, device=device, progress=progress,
+                               init_samples=min(len(Xtr), 50_000))
+        codes = nn_lasso(Xho, res.D.to(Xho.device), lam, tol=1e-3)
+        obj = float(codes.primal.double().mean())
+        nnz = (codes.codes > 0).sum(1).double()
+        flops = aux_flops_per_token(aux_cfg, layer, seq_len) if aux_cfg else float("nan")
+        row = {
+            "layer": layer,
+            "heldout_objective": obj,
+            "objective_removed_share": 1.0 - obj / 0.5,
+            "nnz_mean": float(nnz.mean()),
+            "empty_code_share": float((nnz == 0).double().mean()),
+            **atom_stats(codes.codes.cpu(), token_ids[held_idx], few),
+            "aux_gflops_per_token": flops / 1e9,
+            "aux_cost_vs_last_layer": flops / full_flops if full_flops else float("nan"),
+            "dictionary_s": res.stats.get("wall_s"),
+        }
+        log.info("layer %d: %s", layer, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+        per_layer.append(row)
+    report = {
+        "extract_dir": str(extract_dir), "aux": man.get("aux"), "layers": per_layer,
+        "params": {"K": K, "lambda": lam, "samples": len(train_idx), "heldout": len(held_idx), "few": few,
+                   "seed": seed, "seq_len": seq_len},
+        "mlsm_version": __version__,
+    }
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        write_json_atomic(out_dir / "layer_report.json", report)
+        (out_dir / "layer_report.md").write_text(markdown(report), encoding="utf-8")
+    return report
+
+
+def markdown(report: dict) -> str:
+    p = report["params"]
+    lines = [
+        f"Layer report for `{report['extract_dir']}` (aux {report['aux']}): K={p['K']}, lambda={p['lambda']}, "
+        f"{p['samples']} training / {p['heldout']} held-out tokens, seed {p['seed']}.",
+        "",
+        "| layer | held-out objective | removed | nnz/token | empty codes | atoms used | usage entropy (norm.) "
+        f"| atoms with <= {p['few']} types | atoms with one dominant type | aux GFLOPs/token | cost vs last |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["layers"]:
+        lines.append(
+            f"| {r['layer']} | {r['heldout_objective']:.4f} | {100 * r['objective_removed_share']:.1f}% | "
+            f"{r['nnz_mean']:.1f} | {100 * r['empty_code_share']:.1f}% | {r['atoms_used']} | "
+            f"{r['usage_entropy_bits']:.2f} ({r['usage_entropy_norm']:.3f}) | {100 * r['few_type_atom_share']:.1f}% | "
+            f"{100 * r['lexical_atom_share']:.1f}% | "
+            f"{r['aux_gflops_per_token']:.4f} | {r['aux_cost_vs_last_layer']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
