@@ -69,7 +69,7 @@ def _bundled_minilm_dir() -> Path:
 
 
 def _usable(step_dir: Path) -> bool:
-    problem = checksum_problem(step_dir, full=False)
+    problem = checksum_problem(step_dir)
     if problem:
         log.warning("skipping %s: %s", step_dir, problem)
     return problem is None
@@ -89,11 +89,10 @@ def resolve_model_dir(spec: str | None) -> Path:
             # Checkpoints are written atomically, so a folder with both files is complete.
             if m and sub.is_dir() and (sub / CONFIG).is_file() and _weights_file(sub) is not None:
                 steps.append((int(m.group(1)), sub))
-        steps = [(s, sub) for s, sub in steps if _usable(sub)]
-        if steps:
-            latest = max(steps)[1]
-            log.info("using the latest checkpoint %s of run %s", latest.name, path)
-            return latest
+        for _, latest in sorted(steps, reverse=True):
+            if _usable(latest):
+                log.info("using the latest intact checkpoint %s of run %s", latest.name, path)
+                return latest
     raise MLSMError(
         f"{spec!r} is not a model: expected {DEFAULT_AUX!r}, a local Hugging Face model directory "
         f"containing {CONFIG} and weights, or a run directory with step-XXXXXXX/ checkpoints. "

@@ -316,7 +316,7 @@ def _prepare_run_dir(cfg: PretrainConfig, cfg_json: dict, data_fp: str, tok_fp: 
     """Rank 0: clean what a kill left, check a resumed run's settings, pick the checkpoint to resume."""
     out_dir = cfg.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".step-*.tmp"):  # left by a killed save
+    for stale in out_dir.glob(".*step-*.tmp"):  # left by a killed save (the inner one of save_model_dir too)
         shutil.rmtree(stale, ignore_errors=True)
     latest = _latest_good_checkpoint(out_dir)
     run_json = out_dir / RUN_JSON
@@ -618,7 +618,8 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, dist_info: 
             if bad_streak >= cfg.max_bad_steps:
                 raise MLSMError(
                     f"stopped at step {step}: {bad_streak} consecutive steps ({step - bad_streak + 1}..{step}) had a "
-                    f"non-finite loss or gradient, so none of them changed the weights. The last good checkpoint is "
+                    f"non-finite loss or gradient, so none of them changed the weights (those of step "
+                    f"{step - bad_streak}). The last good checkpoint is "
                     f"{last_ckpt if last_ckpt is not None else 'none (no checkpoint was written yet)'}. Lower --lr or "
                     "raise --warmup and start a new run from it with --init-from, or check the data "
                     "(--max-bad-steps sets how many bad steps in a row are tolerated)."
