@@ -35,7 +35,7 @@ TOKENS_DIR  ?= data/tokens
 AUX_RUN     ?= runs/aux-$(MODEL)
 AUX_STEPS   ?= 2000
 
-.PHONY: help setup test corpus extract sparse-code tokens pretrain aux clean-hidden clean
+.PHONY: help setup test corpus extract sparse-code tokens pretrain aux clean-hidden clean bench-sparse
 
 help:
 	@sed -n '2,6p' Makefile | sed 's/^# \{0,1\}//'
@@ -88,6 +88,14 @@ pretrain: sparse-code
 
 tokens: setup $(CORPUS_DEP)
 	$(MLSM) tokenize --corpus "$(CORPUS)" --tokenizer-from $(AUX) --max-tokens $(TOKENS) --out $(TOKENS_DIR)
+
+# Sparse coding against SPAMS / scikit-learn / 100-step FISTA on the extracted states (~10 min, 2 cores).
+$(VENV)/.bench-done: $(VENV)/.setup-done
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	@touch $@
+
+bench-sparse: extract $(VENV)/.bench-done
+	$(BIN)/python bench/sparse_coding.py --extract-dir $(EXTRACT_DIR) --layer $(LAYER) -k $(K) --lam $(LAMBDA)
 
 # An auxiliary model trained from scratch with MLM (the BabyLM recipe): then
 #   make extract AUX=$(AUX_RUN)  (use other EXTRACT_DIR/CODES_DIR to keep the MiniLM ones)
