@@ -5,13 +5,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
+import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from mlsm import __version__
 from mlsm.errors import MLSMError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
@@ -24,23 +30,52 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{_HOST}.tmp")
     try:
         yield tmp
         if tmp.is_dir():
             if final.exists():
-                import shutil
-
                 shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         if tmp.is_dir():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
         raise
+
+
+# The writer's host and pid are in each temp name, so a later run can tell a dead writer's
+# leftovers (safe to delete) from a live writer's file, also on a folder shared between nodes.
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "localhost"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete temp files/folders under `folder` left by killed writers of this host; returns them."""
+    removed = []
+    for p in sorted(Path(folder).rglob(".*.tmp")):
+        parts = p.name[1:-len(".tmp")].rsplit(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or parts[2] != _HOST:
+            continue  # not ours, or written on another node: its writer may be alive
+        pid = int(parts[1])
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -102,6 +137,19 @@ def new_manifest(stage: str, params: dict, inputs: dict) -> dict:
 PROGRESS = "progress.json"
 
 
+# What a changed input fingerprint means, in the user's terms.
+_INPUT_MEANING = {
+    "corpus": "the corpus files changed (names, sizes or modification times)",
+    "aux_weights": "the auxiliary model's weights are different",
+    "tokenizer": "the tokenizer (vocabulary or normalisation) is different",
+    "extract_manifest": "the extract stage's output changed since (it was re-run or edited)",
+}
+
+
+def _short(v: Any) -> str:
+    return repr(v[:12] + "...") if isinstance(v, str) and len(v) == 64 else repr(v)
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
@@ -109,7 +157,10 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key}: existing {a!r}, requested {b!r}")
+            line = f"{prefix}{key}: existing {_short(a)}, requested {_short(b)}"
+            if prefix == "inputs." and key in _INPUT_MEANING:
+                line += f" ({_INPUT_MEANING[key]})"
+            out.append(line)
     return out
 
 
@@ -134,12 +185,12 @@ def prepare_stage(
         for pattern in outputs + [MANIFEST, PROGRESS, ".*.tmp"]:
             for p in out_dir.glob(pattern):
                 if p.is_dir():
-                    import shutil
-
                     shutil.rmtree(p)
                 else:
                     p.unlink()
         return "fresh", None
+    for p in remove_stale_temps(out_dir):
+        log.info("%s: removed %s, left by a killed run", stage, p)
     for name, state in ((MANIFEST, "done"), (PROGRESS, "resume")):
         path = out_dir / name
         if not path.exists():
@@ -148,17 +199,19 @@ def prepare_stage(
             with open(path) as f:
                 old = json.load(f)
         except (OSError, json.JSONDecodeError):
-            log_msg = f"{path} is unreadable"
-            raise MLSMError(f"{log_msg}. Re-run with --force to redo the {stage} stage.")
+            raise MLSMError(f"{path} is unreadable. Re-run `mlsm {stage}` with --force to redo the stage.")
         diffs = _differences({"params": old.get("params", {}), "inputs": old.get("inputs", {})},
                              {"params": params, "inputs": inputs})
         if diffs:
             raise MLSMError(
                 f"{out_dir} already holds {stage} output made differently:\n  - "
                 + "\n  - ".join(diffs)
-                + f"\nRe-run with --force to replace it, or write to another folder with --out."
+                + f"\nRe-run `mlsm {stage}` with these options and --force to replace it, "
+                f"or write to another folder with --out."
             )
         if state == "done" and not old.get("complete"):
             continue
+        if state == "done":
+            (out_dir / PROGRESS).unlink(missing_ok=True)  # a kill between manifest and cleanup left it
         return state, old
     return "fresh", None
