@@ -63,25 +63,25 @@ finally:
 """
 
 
-def write_vocab(folder: Path) -> Path:
+def write_vocab(folder: Path, extra: tuple[str, ...] = ()) -> Path:
     """A WordPiece vocabulary big enough to spell any ASCII text (letters as pieces) plus the test words."""
     folder.mkdir(parents=True, exist_ok=True)
     words = sorted({w.strip(".,") for s in SENTENCES for w in s.split()})
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + words
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + words + list(extra)
     (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
     return folder
 
 
-def make_tiny_aux(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def make_tiny_aux(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0, extra_words=()) -> Path:
     """A random-init BERT saved with our checkpoint code: extract runs in a fraction of MiniLM's time."""
     import torch
 
     from trainer.checkpoint import save_model_dir
     from trainer.model import BertConfig, BertEncoder
 
-    tok_dir = write_vocab(folder.parent / (folder.name + "-vocab"))
+    tok_dir = write_vocab(folder.parent / (folder.name + "-vocab"), tuple(extra_words))
     n_vocab = len((tok_dir / "vocab.txt").read_text().splitlines())
     config = BertConfig(vocab_size=n_vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=2 * hidden, max_position_embeddings=64)
@@ -150,3 +150,28 @@ def assert_h5_equal(a: Path, b: Path, skip_attrs: tuple[str, ...] = ()) -> None:
 def leftovers(folder: Path) -> list[str]:
     """Temp files and progress files: what a finished stage must not leave behind."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name == "progress.json")
+
+
+def cli(args: list[str]) -> int:
+    """The CLI in this interpreter; its exit code (0 when it returns normally)."""
+    from mlsm.cli import main
+
+    try:
+        main([str(a) for a in args])
+        return 0
+    except SystemExit as e:
+        return e.code or 0
+
+
+def small_pipeline(root: Path, layers: str = "1,2", layer: int = 2, K: int = 16) -> dict:
+    """corpus -> tiny aux -> extract -> sparse-code in `root`, in-process, a few seconds."""
+    aux = make_tiny_aux(root / "aux")
+    corpus = write_corpus(root / "corpus.txt", docs=20)
+    extract = ["extract", "--corpus", corpus, "--aux", aux, "--layers", layers, "--max-tokens", "800",
+               "--shard-tokens", "300", "--no-progress"]
+    assert cli(extract + ["--out", root / "extract"]) == 0
+    code = ["sparse-code", "--extract-dir", root / "extract", "-k", K, "--dict-samples", "400", "--heldout", "40",
+            "--no-progress"]
+    assert cli(code + ["--out", root / "codes", "--layer", layer]) == 0
+    return dict(root=root, aux=aux, corpus=corpus, extract_cmd=extract, code_cmd=code,
+                extract=root / "extract", codes=root / "codes")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from mlsm import __version__
 from mlsm.errors import MLSMError
 from mlsm.manifest import atomic_path, write_json_atomic
+from pipeline.lineage import check_codes_file
 from trainer import checkpoint, distributed
 from trainer.data import MASK_POLICIES, BatchIterator, Prefetcher, TokenData
 from trainer.model import BertConfig, Student
@@ -375,6 +376,7 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, dist_info: 
         )
     init_dir = checkpoint.resolve_model_dir(str(cfg.init_from)) if cfg.init_from is not None else None
     tok_dir = cfg.data.parent / "tokenizer"
+    check_codes_file(cfg.data)  # codes.h5 vs its folder's manifest.json and dictionary.h5
     tok, tok_fp = _check_tokenizers(cfg, data, tok_dir, init_dir)
     special = checkpoint.special_token_ids(tok)
     data.pad_id = special["pad"]
