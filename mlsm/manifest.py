@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -37,12 +38,31 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             if final.exists():
                 shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+        if _disk_full(e):
+            raise MLSMError(
+                f"no space left on the device while writing {final} (the partial file was removed; finished "
+                f"files are kept). Free some space, or write to another folder, and run the same command again: "
+                f"it continues where it stopped."
+            ) from e
         raise
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also when a library (h5py, pyarrow) wraps it in its own error."""
+    for _ in range(8):  # the chain of causes is short; bounded in case it loops
+        if e is None:
+            return False
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 # The writer's host and pid are in each temp name, so a later run can tell a dead writer's

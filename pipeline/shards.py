@@ -60,6 +60,13 @@ def write_shard(
     ]
     for l in layers:
         h = np.ascontiguousarray(hidden[l], dtype=np.float16)
+        if not np.isfinite(h).all():
+            bad = int((~np.isfinite(h)).any(axis=1).sum())
+            raise MLSMError(
+                f"the auxiliary model produced NaN/Inf hidden states at layer {l} ({bad} of {len(h)} tokens of "
+                f"{Path(path).name}; float16 overflows above 65504). Nothing of this shard was written. Check the "
+                "model (its weights, or run it in float32 with --device cpu), then re-run `mlsm extract`."
+            )
         cols.append(pa.FixedSizeListArray.from_arrays(pa.array(h.reshape(-1)), d))
     table = pa.Table.from_arrays(cols, schema=shard_schema(layers, d))
     # Float16 activations barely compress (~5% with zstd) but cost 10% of extraction time.

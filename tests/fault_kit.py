@@ -168,7 +168,7 @@ def small_pipeline(root: Path, layers: str = "1,2", layer: int = 2, K: int = 16)
     aux = make_tiny_aux(root / "aux")
     corpus = write_corpus(root / "corpus.txt", docs=20)
     extract = ["extract", "--corpus", corpus, "--aux", aux, "--layers", layers, "--max-tokens", "800",
-               "--shard-tokens", "300", "--no-progress"]
+               "--shard-tokens", "300", "--batch-tokens", "128", "--no-progress"]
     assert cli(extract + ["--out", root / "extract"]) == 0
     code = ["sparse-code", "--extract-dir", root / "extract", "-k", K, "--dict-samples", "400", "--heldout", "40",
             "--no-progress"]
