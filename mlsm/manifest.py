@@ -155,6 +155,8 @@ def new_manifest(stage: str, params: dict, inputs: dict) -> dict:
 
 
 PROGRESS = "progress.json"
+# Files a finished stage must still have: "done" is not believed when one of them was deleted.
+_FINAL_FILES = {"sparse-code": ("codes.h5", "dictionary.h5"), "tokenize": ("tokens.h5",)}
 
 
 # What a changed input fingerprint means, in the user's terms.
@@ -232,6 +234,10 @@ def prepare_stage(
         if state == "done" and not old.get("complete"):
             continue
         if state == "done":
+            gone = [f for f in _FINAL_FILES.get(stage, ()) if not (out_dir / f).exists()]
+            if gone:
+                raise MLSMError(f"{path} says the {stage} stage is complete, but {', '.join(gone)} is gone "
+                                f"from {out_dir}. Re-run `mlsm {stage}` with --force to rebuild it.")
             (out_dir / PROGRESS).unlink(missing_ok=True)  # a kill between manifest and cleanup left it
         return state, old
     return "fresh", None
