@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -168,7 +169,8 @@ def tokenize(corpus_spec, out, tokenizer_from, max_len, max_tokens, force, no_pr
 @click.option("--init-from", type=click.Path(path_type=Path), default=None, help="Start from one of our checkpoints.")
 @click.option("--steps", default=1000)
 @click.option("--batch-size", default=32, help="Sequences per optimizer step (paper: 1024).")
-@click.option("--grad-accum", default=1, help="Micro-batches per step; batch-size must divide by it.")
+@click.option("--grad-accum", default=1,
+              help="Micro-batches per step; batch-size (the global batch) must divide by grad-accum x processes.")
 @click.option("--lr", default=1e-4)
 @click.option("--warmup", default=0.01, help="Fraction of steps of linear warm-up.")
 @click.option("--weight-decay", default=0.01)
@@ -180,11 +182,21 @@ def tokenize(corpus_spec, out, tokenizer_from, max_len, max_tokens, force, no_pr
               help="Checkpoint at 10/25/50/100% of the steps, as the paper reports.")
 @click.option("--log-every", default=10)
 @click.option("--seed", default=0)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
+              help="auto: bf16 autocast on GPU, fp32 on CPU.")
+@click.option("--compile/--no-compile", "compile_model", default=False, help="torch.compile the student.")
+@click.option("--max-bad-steps", default=10,
+              help="Steps with a non-finite loss or gradient are skipped; this many in a row stop the run.")
 @DEVICE
 @NO_PROGRESS
 def pretrain(data, out, objective, mlm_weight, model, init_from, steps, batch_size, grad_accum, lr, warmup,
-             weight_decay, mask_prob, mask_policy, save_every, milestones, log_every, seed, device, no_progress):
-    """Pre-train the student from precomputed targets (never loads the auxiliary model)."""
+             weight_decay, mask_prob, mask_policy, save_every, milestones, log_every, seed, precision, compile_model,
+             max_bad_steps, device, no_progress):
+    """Pre-train the student from precomputed targets (never loads the auxiliary model).
+
+    Several processes: `torchrun --nproc_per_node N -m mlsm.cli pretrain ...` (DDP: NCCL on GPUs,
+    gloo on CPU); --batch-size stays the global batch.
+    """
     from trainer.train import PretrainConfig, run_pretrain
 
     if not Path(data).exists():
@@ -196,9 +208,23 @@ def pretrain(data, out, objective, mlm_weight, model, init_from, steps, batch_si
                          grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay,
                          mask_prob=mask_prob, mask_policy=mask_policy, seed=seed, device=device,
                          save_every=save_every, milestones=milestones, log_every=log_every,
-                         progress=not no_progress)
+                         progress=not no_progress, precision=precision, compile=compile_model,
+                         max_bad_steps=max_bad_steps)
     summary = run_pretrain(cfg)
-    click.echo(json.dumps(summary, indent=2, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/loss.png"), help="PNG to write.")
+@click.option("--smooth", default=1, help="Trailing mean over this many logged steps.")
+@click.option("--label", "labels", multiple=True, help="Legend label per run (default: the folder names).")
+def plot(runs, out, smooth, labels):
+    """Plot the loss curves of RUN [RUN ...] (their metrics.jsonl) into one PNG (needs matplotlib)."""
+    from trainer.plot import plot_runs
+
+    click.echo(str(plot_runs(list(runs), out, smooth=smooth, labels=list(labels) or None)))
 
 
 @cli.command()

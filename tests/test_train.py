@@ -205,3 +205,21 @@ def test_lr_schedule_and_decay_groups():
     assert any("LayerNorm.weight" in names[id(p)] for p in no_decay["params"])
     assert all(names[id(p)].endswith("weight") and "LayerNorm" not in names[id(p)] for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(student.parameters()))
+
+
+def test_plot_writes_a_png_of_both_runs(codes_h5, tokens_h5, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from trainer.plot import plot_runs, read_run
+
+    run_pretrain(_cfg(codes_h5, tmp_path / "mlsm", steps=4, mlm_weight=1.0))
+    run_pretrain(_cfg(tokens_h5, tmp_path / "mlm", objective="mlm", steps=4))
+    with open(tmp_path / "mlm" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a line cut by a kill is where reading stops
+    assert [r["step"] for r in read_run(tmp_path / "mlm")] == [1, 2, 3, 4]
+    png = plot_runs([tmp_path / "mlsm", tmp_path / "mlm"], tmp_path / "out" / "loss.png", smooth=2)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    with pytest.raises(MLSMError, match="no metrics.jsonl"):
+        plot_runs([tmp_path], tmp_path / "x.png")
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(MLSMError, match="make plot"):
+        plot_runs([tmp_path / "mlsm"], tmp_path / "y.png")

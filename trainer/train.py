@@ -286,6 +286,82 @@ def _to(batch: dict, device: torch.device) -> dict:
     }
 
 
+@dataclass
+class StepResult:
+    loss: float  # the step's total loss (NaN/inf when it was skipped)
+    mlsm_loss: float | None
+    mlm_loss: float | None
+    grad_norm: float
+    applied: bool  # False: a non-finite loss or gradient, the optimizer did not step
+    n_targets: int  # global counts (all ranks, all micro-batches)
+    n_masked: int
+    n_tokens: int
+
+
+def train_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    micro: list[dict],
+    *,
+    use_mlsm: bool,
+    use_mlm: bool,
+    mlm_weight: float,
+    clip: float,
+    device: torch.device,
+    bf16: bool,
+    step_model: torch.nn.Module | None = None,
+    ddp=None,
+    dist_info: distributed.DistInfo | None = None,
+) -> StepResult:
+    """One optimizer step over a step's micro-batches (the trainer's and the benchmark's one copy).
+
+    `model` owns the parameters; `step_model` runs them (DDP-wrapped and/or compiled, default
+    `model`). An update whose loss or gradient is not finite is not applied.
+    """
+    step_model = model if step_model is None else step_model
+    dist_info = dist_info or distributed.DistInfo()
+    world_size = dist_info.world_size
+    # Global counts: every micro-batch on every rank weighs by its share of the step's targets,
+    # so the update is the full batch's mean whatever the split.
+    counts = [sum(m.get("n_targets", 0) for m in micro), sum(m["n_masked"] for m in micro),
+              sum(m["n_tokens"] for m in micro)]
+    if dist_info.active:
+        counts = [int(c) for c in distributed.all_reduce_sum(
+            torch.tensor(counts, dtype=torch.float64, device=device), dist_info).tolist()]
+    n_targets, n_masked, n_tokens = counts
+    step_mlsm = step_mlm = torch.zeros((), device=device)
+    for i, m in enumerate(micro):
+        m = _to(m, device)
+        # Gradients are averaged over the processes once per step, after the last micro-batch.
+        with ddp.no_sync() if ddp is not None and i < len(micro) - 1 else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = step_model(m["input_ids"], m["attention_mask"], m["masked_index"])
+            loss = torch.zeros((), device=device)
+            if use_mlsm:
+                kl, n = mlsm_kl_loss(out["mlsm_logits"], m["target_indptr"], m["target_indices"], m["target_values"])
+                part = kl * (n / max(n_targets, 1))
+                step_mlsm = step_mlsm + part.detach()
+                loss = loss + part
+            if use_mlm:
+                part = mlm_loss(out["mlm_logits"], m["mlm_labels"]) * (m["n_masked"] / max(n_masked, 1))
+                step_mlm = step_mlm + part.detach()
+                loss = loss + (mlm_weight if use_mlsm else 1.0) * part
+            # DDP averages gradients over the processes; the parts above already sum to the mean.
+            (loss * world_size if world_size > 1 else loss).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
+    # One host transfer per step decides whether the update is safe to apply (the same on every
+    # rank: gradients are already averaged, and the losses are summed here).
+    parts = distributed.all_reduce_sum(torch.stack([step_mlsm.float(), step_mlm.float()]), dist_info)
+    mlsm_v, mlm_v, gn = torch.cat([parts, grad_norm.reshape(1).float()]).tolist()
+    total = mlsm_v + mlm_weight * mlm_v if use_mlsm and use_mlm else (mlsm_v if use_mlsm else mlm_v)
+    good = math.isfinite(total) and math.isfinite(gn)
+    if good:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return StepResult(total, mlsm_v if use_mlsm else None, mlm_v if use_mlm else None, gn, good,
+                      n_targets, n_masked, n_tokens)
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -545,51 +621,17 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, dist_info: 
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            micro = next(batches)
-            # Global counts: every micro-batch on every rank weighs by its share of the step's
-            # targets, so the update is the full batch's mean whatever the split.
-            counts = [sum(m.get("n_targets", 0) for m in micro), sum(m["n_masked"] for m in micro),
-                      sum(m["n_tokens"] for m in micro)]
-            if dist_info.active:
-                counts = [int(c) for c in distributed.all_reduce_sum(
-                    torch.tensor(counts, dtype=torch.float64, device=device), dist_info).tolist()]
-            n_targets, n_masked, n_tokens = counts
-            step_mlsm = step_mlm = torch.zeros((), device=device)
-            for i, m in enumerate(micro):
-                m = _to(m, device)
-                # Gradients are averaged over the processes once per step, after the last micro-batch.
-                with ddp.no_sync() if ddp is not None and i < len(micro) - 1 else contextlib.nullcontext():
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        out = step_model(m["input_ids"], m["attention_mask"], m["masked_index"])
-                    loss = torch.zeros((), device=device)
-                    if use_mlsm:
-                        kl, n = mlsm_kl_loss(out["mlsm_logits"], m["target_indptr"], m["target_indices"], m["target_values"])
-                        part = kl * (n / max(n_targets, 1))
-                        step_mlsm = step_mlsm + part.detach()
-                        loss = loss + part
-                    if use_mlm:
-                        part = mlm_loss(out["mlm_logits"], m["mlm_labels"]) * (m["n_masked"] / max(n_masked, 1))
-                        step_mlm = step_mlm + part.detach()
-                        loss = loss + (cfg.mlm_weight if use_mlsm else 1.0) * part
-                    # DDP averages gradients over the processes; the parts above already sum to the mean.
-                    (loss * world_size if world_size > 1 else loss).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
-            # One host transfer per step decides whether the update is safe to apply (the same on
-            # every rank: gradients are already averaged, and the losses are summed here).
-            parts = distributed.all_reduce_sum(torch.stack([step_mlsm.float(), step_mlm.float()]), dist_info)
-            mlsm_v, mlm_v, gn = torch.cat([parts, grad_norm.reshape(1).float()]).tolist()
-            total = mlsm_v + cfg.mlm_weight * mlm_v if use_mlsm and use_mlm else (mlsm_v if use_mlsm else mlm_v)
-            good = math.isfinite(total) and math.isfinite(gn)
+            r = train_step(model, opt, next(batches), use_mlsm=use_mlsm, use_mlm=use_mlm, mlm_weight=cfg.mlm_weight,
+                           clip=cfg.clip, device=device, bf16=bf16, step_model=step_model, ddp=ddp, dist_info=dist_info)
+            total, good, n_tokens = r.loss, r.applied, r.n_tokens
             if good:
-                opt.step()
                 bad_streak = 0
             else:
                 skipped_total += 1
                 bad_streak += 1
                 if main:
                     log.warning("step %d: the loss is %s and the gradient norm %s; skipped (no update), %d in a row, "
-                                "%d in all", step + 1, total, gn, bad_streak, skipped_total)
-            opt.zero_grad(set_to_none=True)
+                                "%d in all", step + 1, total, r.grad_norm, bad_streak, skipped_total)
             step += 1
             tokens_since += n_tokens
             tokens_total += n_tokens
@@ -606,10 +648,9 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, dist_info: 
             if log_now and main:
                 now = time.time()
                 row = {
-                    "step": step, "loss": total, "mlsm_loss": mlsm_v if use_mlsm else None,
-                    "mlm_loss": mlm_v if use_mlm else None, "lr": lr,
-                    "grad_norm": gn, "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
-                    "masked_tokens": n_masked, "targets": n_targets if use_mlsm else None,
+                    "step": step, "loss": total, "mlsm_loss": r.mlsm_loss, "mlm_loss": r.mlm_loss, "lr": lr,
+                    "grad_norm": r.grad_norm, "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
+                    "masked_tokens": r.n_masked, "targets": r.n_targets if use_mlsm else None,
                     "skipped_steps": skipped_total, "elapsed_s": now - t_start,
                 }
                 t_last, tokens_since = now, 0
