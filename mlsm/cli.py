@@ -48,6 +48,11 @@ DEVICE = click.option("--device", default="auto", show_default=True,
                       help="auto picks cuda when torch sees a GPU, else cpu.")
 FORCE = click.option("--force", is_flag=True, help="Redo the stage, deleting its previous outputs in --out.")
 NO_PROGRESS = click.option("--no-progress", is_flag=True, help="Hide progress bars (logs stay).")
+SHARD_INDEX = click.option("--shard-index", type=int, default=None,
+                           help="This worker's index (0..n-1); it takes shards i, i+n, i+2n, ... Under torchrun "
+                                "RANK sets it. The worker that finishes the last shard merges the result.")
+NUM_SHARDS = click.option("--num-shards", type=int, default=None,
+                          help="Number of workers sharing --out (under torchrun: WORLD_SIZE).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -104,16 +109,26 @@ def corpus(npm_root: Path, out: Path, force: bool):
               help="Stop after this many tokens (a slice of the corpus for quick runs).")
 @click.option("--shard-tokens", default=200_000, help="Tokens per Parquet shard.")
 @click.option("--batch-tokens", default=8192, help="Padded tokens per forward batch.")
+@SHARD_INDEX
+@NUM_SHARDS
 @DEVICE
 @FORCE
 @NO_PROGRESS
-def extract(corpus_spec, out, aux, layers, max_len, max_tokens, shard_tokens, batch_tokens, device, force, no_progress):
-    """Run the auxiliary model on unmasked text; write per-token hidden states to Parquet shards."""
+def extract(corpus_spec, out, aux, layers, max_len, max_tokens, shard_tokens, batch_tokens, shard_index, num_shards,
+            device, force, no_progress):
+    """Run the auxiliary model on unmasked text; write per-token hidden states to Parquet shards.
+
+    \b
+    Several workers (same arguments, same --out) split the shards:
+      mlsm extract ... --shard-index 0 --num-shards 2  &  mlsm extract ... --shard-index 1 --num-shards 2
+      torchrun --nproc-per-node 8 -m mlsm.cli extract ...   (one GPU per rank)
+    The shards are the same as a single worker's; the last worker to finish writes manifest.json.
+    """
     from pipeline.extract import run_extract
 
     run_extract(corpus_spec, out, layers, aux=aux, max_len=max_len, max_tokens=max_tokens,
                 shard_tokens=shard_tokens, batch_tokens=batch_tokens, device=device, force=force,
-                progress=not no_progress)
+                progress=not no_progress, shard_index=shard_index, num_shards=num_shards)
 
 
 @cli.command("sparse-code")
@@ -126,20 +141,40 @@ def extract(corpus_spec, out, aux, layers, max_len, max_tokens, shard_tokens, ba
 @click.option("--dict-samples", default=1_000_000, help="Token vectors sampled to learn the dictionary.")
 @click.option("--heldout", default=20_000, help="Extra vectors held out to report the dictionary's objective.")
 @click.option("--batch-size", default=1024, help="Tokens per solver batch.")
-@click.option("--top-k", type=int, default=None, help="Keep only the N largest atoms per token (default: all).")
-@click.option("--values", type=click.Choice(["float32", "float16"]), default="float32")
+@click.option("--top-k", type=int, default=None,
+              help="Keep only the N largest atoms per token (default: all); the target a/sum(a) is renormalised "
+                   "over them. `make bench-extract` reports the KL this costs for N in 8..64.")
+@click.option("--values-dtype", "--values", "values", type=click.Choice(["float32", "float16"]), default="float32",
+              help="Storage type of the code values (float16 halves their bytes).")
+@click.option("--delete-hidden", is_flag=True,
+              help="Delete each hidden-state shard of --extract-dir once its codes are written and synced "
+                   "(the stage stays resumable; extracting again needs `mlsm extract --force`).")
+@click.option("--dictionary-only", is_flag=True,
+              help="Learn dictionary.h5 and stop: run this once before sharded workers (--shard-index).")
 @click.option("--seed", default=0)
+@SHARD_INDEX
+@NUM_SHARDS
 @DEVICE
 @FORCE
 @NO_PROGRESS
-def sparse_code(extract_dir, out, layer, K, lam, tol, dict_samples, heldout, batch_size, top_k, values, seed,
-                device, force, no_progress):
-    """Learn the dictionary and write every token's non-negative sparse code to codes.h5."""
+def sparse_code(extract_dir, out, layer, K, lam, tol, dict_samples, heldout, batch_size, top_k, values, delete_hidden,
+                dictionary_only, seed, shard_index, num_shards, device, force, no_progress):
+    """Learn the dictionary and write every token's non-negative sparse code to codes.h5.
+
+    \b
+    The dictionary is learnt once, on --dict-samples vectors drawn uniformly from all shards.
+    Sharded runs code with that one dictionary:
+      torchrun --nproc-per-node 8 -m mlsm.cli sparse-code ...   (rank 0 learns it, the rest wait)
+    or, with separate jobs:
+      mlsm sparse-code ... --dictionary-only
+      mlsm sparse-code ... --shard-index i --num-shards n       (for each i; the last one merges)
+    """
     from pipeline.sparse_code import run_sparse_code
 
     man = run_sparse_code(extract_dir, out, layer=layer, K=K, lam=lam, tol=tol, dict_samples=dict_samples,
                           heldout=heldout, batch_size=batch_size, top_k=top_k, values=values, seed=seed,
-                          device=device, force=force, progress=not no_progress)
+                          device=device, force=force, progress=not no_progress, shard_index=shard_index,
+                          num_shards=num_shards, dictionary_only=dictionary_only, delete_hidden=delete_hidden)
     click.echo(json.dumps(man["report"], indent=2))
 
 

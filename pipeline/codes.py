@@ -48,6 +48,40 @@ def dense_to_csr(codes: np.ndarray, value_dtype=np.float32) -> tuple[np.ndarray,
     return counts, cols.astype(np.uint16), codes[rows, cols].astype(value_dtype)
 
 
+def _rank_in_row(row_counts: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each stored value, its rank (0 = largest) among the values of its row."""
+    rows = np.repeat(np.arange(len(row_counts)), row_counts)
+    order = np.lexsort((-values.astype(np.float64), rows))
+    starts = np.repeat(np.cumsum(row_counts) - row_counts, row_counts)
+    rank = np.empty(len(values), dtype=np.int64)
+    rank[order] = np.arange(len(values)) - starts
+    return rank
+
+
+def top_k_codes(row_counts: np.ndarray, indices: np.ndarray, values: np.ndarray, k: int):
+    """Keep each row's k largest values (ties: lower atom index first), atom order preserved.
+
+    The raw values are kept: the target t = a / sum(a) is thereby renormalised over the kept atoms.
+    """
+    keep = _rank_in_row(row_counts, values) < k
+    rows = np.repeat(np.arange(len(row_counts)), row_counts)
+    return np.bincount(rows[keep], minlength=len(row_counts)).astype(np.int64), indices[keep], values[keep]
+
+
+def truncation_kl(row_counts: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+    """Per row with a target, KL(t_k || t) between the top-k renormalised target and the full one.
+
+    With t_k = t restricted to the kept atoms and rescaled by 1/m (m = kept mass of t), the KL is
+    exactly -log m. (KL(t || t_k) is infinite whenever an atom is dropped.)
+    """
+    v = values.astype(np.float64)
+    rows = np.repeat(np.arange(len(row_counts)), row_counts)
+    total = np.bincount(rows, weights=v, minlength=len(row_counts))
+    kept = np.bincount(rows, weights=np.where(_rank_in_row(row_counts, values) < k, v, 0.0), minlength=len(row_counts))
+    has = total > 0
+    return -np.log(kept[has] / total[has])
+
+
 def write_part(
     path: Path,
     tokens: np.ndarray,
@@ -71,6 +105,8 @@ def write_part(
                 f.create_dataset("rel_gap", data=rel_gap.astype(np.float32))
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
+            f.flush()
+            os.fsync(f.id.get_vfd_handle())  # a part may be the only copy once its hidden states are deleted
 
 
 def read_part_attrs(path: Path) -> dict:
@@ -94,7 +130,7 @@ def merge_parts(parts: Iterable[Path], out_path: Path, attrs: dict, value_dtype=
                 indptr = _dataset(g, "indptr", np.int64, np.zeros(1, np.int64))
                 indices = _dataset(g, "indices", np.uint16)
                 values = _dataset(g, "values", value_dtype)
-            n_tok = n_nnz = 0
+            n_tok = n_nnz = zero_rows = 0
             for p in parts:
                 with h5py.File(p, "r") as f:
                     t = f["tokens"][:]
@@ -106,12 +142,13 @@ def merge_parts(parts: Iterable[Path], out_path: Path, attrs: dict, value_dtype=
                         _append(indices, f["indices"][:])
                         _append(values, f["values"][:].astype(value_dtype))
                         n_nnz += int(counts.sum())
+                        zero_rows += int(np.count_nonzero(counts == 0))
                     if "rel_gap" in f:
                         gaps.append(f["rel_gap"][:])
                     n_tok += len(t)
             stats = {"tokens": n_tok, "sequences": int(offsets.shape[0] - 1)}
             if with_codes:
-                stats["nnz"] = n_nnz
+                stats.update(nnz=n_nnz, zero_rows=zero_rows)
             if gaps:
                 g_all = np.concatenate(gaps)
                 stats.update(

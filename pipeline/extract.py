@@ -1,34 +1,57 @@
 """The extract stage: run the auxiliary encoder on unmasked text, store chosen layers per token.
 
-The encoder runs only up to the deepest requested layer. Shards are written atomically and
-recorded in progress.json as they finish, so a killed run resumes at the first missing shard.
+The packed sequence stream is cut into shards at sequence boundaries that depend only on the stream
+(a shard closes at the first sequence that brings it to `shard_tokens`), and each shard is batched
+on its own. So shard j holds the same rows, computed in the same batches, whichever worker makes it:
+n workers (pipeline.workers) together write exactly the shards of a single-worker run.
+
+The encoder runs only up to the deepest requested layer. Three threads overlap the work: packing
+(the fast tokenizer's batch API) runs ahead of the forward, and Parquet writing runs behind it, each
+through a queue of at most two shards, so memory is bounded by a few shards whatever the corpus size.
+Shards are written atomically and listed in the worker's record as they finish; a killed worker
+resumes at its first missing shard. Every worker packs the whole stream (to agree on the cuts) but
+runs the encoder only on its own shards.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import queue
+import threading
 import time
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from mlsm.device import pick_device
 from mlsm.errors import MLSMError
-from mlsm.manifest import PROGRESS, new_manifest, prepare_stage, write_json_atomic, MANIFEST
+from mlsm.manifest import MANIFEST, PROGRESS, new_manifest, write_json_atomic
 from pipeline import corpus as corpus_mod
 from pipeline.sequences import limit_tokens, pack_documents
 from pipeline.shards import shard_name, write_shard
+from pipeline.workers import Worker, finish, merge_lock, prepare_shared_stage, read_records, resolve_worker
 
 log = logging.getLogger(__name__)
 
+WORKERS_DIR = "workers"
+_END = object()
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MLSMError(f"--device {device} asked for, but torch sees no CUDA device. Use --device cpu.")
-    return torch.device(device)
+
+def cut_shards(sequences: Iterable[np.ndarray], shard_tokens: int) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    """(shard index, first sequence id, sequences): a shard closes once it holds >= shard_tokens."""
+    index, first, buf, n = 0, 0, [], 0
+    for seq in sequences:
+        buf.append(seq)
+        n += len(seq)
+        if n >= shard_tokens:
+            yield index, first, buf
+            index, first, buf, n = index + 1, first + len(buf), [], 0
+    if buf:
+        yield index, first, buf
 
 
 def _batches(sequences, batch_tokens: int):
@@ -47,18 +70,55 @@ def _batches(sequences, batch_tokens: int):
 
 
 @torch.inference_mode()
-def _forward(encoder, batch: list[np.ndarray], layers: list[int], pad_id: int, device, dtype):
+def forward_batch(encoder, batch: list[np.ndarray], layers: list[int], pad_id: int, device, dtype):
+    """Hidden states of the real (unpadded) tokens of a batch, per layer, float16 on the CPU."""
     lengths = [len(s) for s in batch]
     T = max(lengths)
     ids = np.full((len(batch), T), pad_id, dtype=np.int64)
     for i, s in enumerate(batch):
         ids[i, : len(s)] = s
-    input_ids = torch.from_numpy(ids).to(device)
+    input_ids = torch.from_numpy(ids).to(device, non_blocking=True)
     mask = torch.arange(T, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         states = encoder(input_ids, attention_mask=mask, num_layers=max(layers), output_hidden_states=True)
     flat_mask = mask.reshape(-1)
     return {l: states[l].reshape(-1, states[l].shape[-1])[flat_mask].to(torch.float16).cpu().numpy() for l in layers}
+
+
+def _background(fn, *args) -> tuple[threading.Thread, list]:
+    """Run fn in a daemon thread; the returned list receives its exception, if any."""
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            fn(*args)
+        except BaseException as e:  # re-raised in the main thread
+            errors.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, errors
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put unless the consumer has stopped (then the producer just ends)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _done_shards(out_dir: Path) -> dict[int, dict]:
+    """Shards any worker (of any earlier split) finished and whose file is still there."""
+    done = {}
+    for rec in read_records(out_dir / WORKERS_DIR):
+        for entry in rec["shards"]:
+            if (out_dir / entry["file"]).exists():
+                done[entry["index"]] = entry
+    return done
 
 
 def run_extract(
@@ -73,10 +133,27 @@ def run_extract(
     device: str = "auto",
     force: bool = False,
     progress: bool = True,
+    shard_index: int | None = None,
+    num_shards: int | None = None,
 ) -> dict:
+    """Extract this worker's shards; the worker that completes the set writes manifest.json.
+
+    Returns the stage manifest, or (for a worker that is not last) its own record with
+    complete=False.
+    """
     from trainer import checkpoint
 
     out_dir = Path(out_dir)
+    worker = resolve_worker(shard_index, num_shards)
+    try:
+        return _run_extract(worker, corpus, out_dir, layers, aux, max_len, max_tokens, shard_tokens,
+                            batch_tokens, device, force, progress, checkpoint)
+    finally:
+        finish(worker)
+
+
+def _run_extract(worker: Worker, corpus, out_dir, layers, aux, max_len, max_tokens, shard_tokens, batch_tokens,
+                 device, force, progress, checkpoint) -> dict:
     paths = corpus_mod.resolve_corpus(corpus)
     model_dir = checkpoint.resolve_model_dir(aux)
     tokenizer = checkpoint.load_tokenizer(model_dir)
@@ -88,13 +165,16 @@ def run_extract(
         "aux_weights": checkpoint.weights_fingerprint(model_dir),
         "tokenizer": checkpoint.tokenizer_fingerprint(tokenizer),
     }
-    state, old = prepare_stage(out_dir, "extract", params, inputs, force, ["shard-*.parquet", "tokenizer"])
+    state, old = prepare_shared_stage(worker, out_dir, "extract", params, inputs, force,
+                                      ["shard-*.parquet", "tokenizer", WORKERS_DIR])
     if state == "done":
+        missing = [s["file"] for s in old["shards"] if not (out_dir / s["file"]).exists()]
+        if missing:
+            log.warning("extract: %s is complete but %d of its %d shards were deleted (sparse-code --delete-hidden "
+                        "or make clean-hidden); use --force to extract them again.", out_dir, len(missing), len(old["shards"]))
         log.info("extract: %s is already complete (%d tokens); nothing to do. Use --force to redo it.",
                  out_dir, old["tokens"])
         return old
-    done_shards = old["shards"] if state == "resume" else []
-    skip_seqs = done_shards[-1]["seq_end"] if done_shards else 0
 
     dev = pick_device(device)
     encoder, config, _ = checkpoint.load_encoder(aux, device=dev)
@@ -102,93 +182,151 @@ def run_extract(
     if bad:
         raise MLSMError(f"layers {bad} do not exist: the auxiliary model has layers 0..{config.num_hidden_layers}.")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    checkpoint.copy_tokenizer_files(model_dir, out_dir / "tokenizer")
+    if worker.index == 0:
+        checkpoint.copy_tokenizer_files(model_dir, out_dir / "tokenizer")
 
-    progress_doc = new_manifest("extract", params, inputs)
-    progress_doc.update(aux=str(aux or checkpoint.DEFAULT_AUX), aux_config=config.to_hf(), d=config.hidden_size,
-                        special_ids=special, shards=list(done_shards))
-    write_json_atomic(out_dir / PROGRESS, progress_doc)
-    if done_shards:
-        log.info("extract: resuming after %d finished shards (%d sequences)", len(done_shards), skip_seqs)
+    stage_doc = new_manifest("extract", params, inputs)
+    stage_doc.update(aux=str(aux or checkpoint.DEFAULT_AUX), aux_config=config.to_hf(), d=config.hidden_size,
+                     special_ids=special, corpus_files=[str(p) for p in paths])
+    write_json_atomic(out_dir / PROGRESS, stage_doc)
+    done = _done_shards(out_dir)
+    record_path = out_dir / WORKERS_DIR / f"{worker.name}.json"
+    record = {"worker": worker.index, "workers": worker.count, "device": str(dev), "total_shards": None,
+              "shards": [e for j, e in sorted(done.items()) if worker.owns(j)]}
+    if done:
+        log.info("extract: %d shards already finished; %s resumes", len(done), worker.name)
 
     stats = corpus_mod.CorpusStats()
     sequences = limit_tokens(
         pack_documents(corpus_mod.iter_documents(paths, stats), tokenizer, max_len, special["cls"], special["sep"]),
         max_tokens,
     )
+    stop = threading.Event()
+    work_q: queue.Queue = queue.Queue(maxsize=2)
+    write_q: queue.Queue = queue.Queue(maxsize=2)
+    total = {"shards": 0}
+
+    def produce():
+        for index, first, seqs in cut_shards(sequences, shard_tokens):
+            total["shards"] = index + 1
+            mine = worker.owns(index) and index not in done
+            item = (index, first, seqs if mine else None, sum(len(s) for s in seqs))
+            if not _put(work_q, item, stop):
+                return
+        _put(work_q, _END, stop)
+
+    def write():
+        while (item := write_q.get()) is not _END:
+            index, first, seqs, hidden = item
+            seq_ids = np.repeat(np.arange(first, first + len(seqs), dtype=np.int64), [len(s) for s in seqs])
+            positions = np.concatenate([np.arange(len(s), dtype=np.int16) for s in seqs])
+            write_shard(out_dir / shard_name(index), seq_ids, positions, np.concatenate(seqs), hidden)
+            record["shards"].append({"index": index, "file": shard_name(index), "tokens": int(len(seq_ids)),
+                                     "seq_start": first, "seq_end": first + len(seqs), "sequences": len(seqs)})
+            write_json_atomic(record_path, record)
+
+    producer, producer_errors = _background(produce)
+    writer, writer_errors = _background(write)
+    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"extract {worker.index}/{worker.count}",
+               disable=not progress)
     t0 = time.time()
-    seq_id = 0
-    buf = {"seq": [], "pos": [], "tok": [], "h": {l: [] for l in layers}}
-    buf_tokens = 0
     new_tokens = 0
-    total_hint = max_tokens
-    bar = tqdm(total=total_hint, unit="tok", unit_scale=True, desc="extract", disable=not progress)
-
-    def flush():
-        nonlocal buf, buf_tokens
-        index = len(progress_doc["shards"])
-        seq_arr = np.concatenate(buf["seq"])
-        write_shard(
-            out_dir / shard_name(index),
-            seq_arr,
-            np.concatenate(buf["pos"]),
-            np.concatenate(buf["tok"]),
-            {l: np.concatenate(buf["h"][l]) for l in layers},
-        )
-        progress_doc["shards"].append({
-            "file": shard_name(index), "tokens": int(len(seq_arr)),
-            "seq_start": int(seq_arr[0]), "seq_end": int(seq_arr[-1]) + 1,
-            "sequences": int(seq_arr[-1] - seq_arr[0] + 1),
-        })
-        write_json_atomic(out_dir / PROGRESS, progress_doc)
-        buf = {"seq": [], "pos": [], "tok": [], "h": {l: [] for l in layers}}
-        buf_tokens = 0
-
-    for batch in _batches(sequences, batch_tokens):
-        first = seq_id
-        seq_id += len(batch)
-        if seq_id <= skip_seqs:
-            bar.update(sum(len(s) for s in batch))
-            continue
-        if first < skip_seqs:  # a batch straddling the resume point: keep only unfinished sequences
-            batch = batch[skip_seqs - first:]
-            first = skip_seqs
-        hidden = _forward(encoder, batch, layers, special["pad"], dev, dtype)
-        n = sum(len(s) for s in batch)
-        buf["seq"].append(np.repeat(np.arange(first, first + len(batch), dtype=np.int64), [len(s) for s in batch]))
-        buf["pos"].append(np.concatenate([np.arange(len(s), dtype=np.int16) for s in batch]))
-        buf["tok"].append(np.concatenate(batch))
-        for l in layers:
-            buf["h"][l].append(hidden[l])
-        buf_tokens += n
-        new_tokens += n
-        bar.update(n)
-        if buf_tokens >= shard_tokens:
-            flush()
-    if buf_tokens:
-        flush()
-    bar.close()
+    t_forward = 0.0
+    try:
+        while True:
+            try:
+                item = work_q.get(timeout=0.5)
+            except queue.Empty:
+                if producer_errors or writer_errors:
+                    break
+                continue
+            if item is _END:
+                break
+            index, first, seqs, n_tokens = item
+            if seqs is not None:
+                tf = time.time()
+                outs = [forward_batch(encoder, b, layers, special["pad"], dev, dtype) for b in _batches(seqs, batch_tokens)]
+                hidden = {l: np.concatenate([o[l] for o in outs]) for l in layers}
+                t_forward += time.time() - tf
+                del outs
+                while not writer_errors:
+                    try:
+                        write_q.put((index, first, seqs, hidden), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                new_tokens += n_tokens
+            bar.update(n_tokens)
+    finally:
+        stop.set()
+        write_q.put(_END) if not writer_errors else None
+        writer.join()
+        producer.join()
+        bar.close()
+    for errors in (producer_errors, writer_errors):
+        if errors:
+            raise errors[0]
     wall = time.time() - t0
-    if not progress_doc["shards"]:
+    if total["shards"] == 0:
         corpus_mod.require_nonempty(stats)
         raise MLSMError(f"the corpus {corpus} produced no token sequences; check that it contains text.")
     if stats.invalid_utf8_lines:
         log.warning("extract: %d lines had invalid UTF-8, replaced by U+FFFD", stats.invalid_utf8_lines)
+    record.update(total_shards=total["shards"], corpus_stats=stats.as_dict(), wall_s=round(wall, 2),
+                  forward_s=round(t_forward, 2), new_tokens=new_tokens,
+                  tokens_per_s=round(new_tokens / wall, 1) if wall > 0 and new_tokens else None)
+    write_json_atomic(record_path, record)
+    log.info("extract: %s finished its shards (%d new tokens, %.0f tokens/s)", worker.name, new_tokens,
+             record["tokens_per_s"] or 0)
+    manifest = merge_extract(out_dir)
+    return manifest if manifest is not None else {**record, "complete": False}
 
-    manifest = dict(progress_doc)
-    manifest.update(
-        complete=True,
-        tokens=sum(s["tokens"] for s in manifest["shards"]),
-        sequences=sum(s["sequences"] for s in manifest["shards"]),
-        corpus_stats=stats.as_dict(),
-        corpus_files=[str(p) for p in paths],
-        wall_s=round(wall, 2),
-        tokens_per_s=round(new_tokens / wall, 1) if wall > 0 else None,
-        device=str(dev),
-    )
-    write_json_atomic(out_dir / MANIFEST, manifest)
-    (out_dir / PROGRESS).unlink(missing_ok=True)
-    log.info("extract: %d tokens in %d sequences, %d shards, %.1f tokens/s -> %s",
-             manifest["tokens"], manifest["sequences"], len(manifest["shards"]),
-             manifest["tokens_per_s"] or 0, out_dir)
-    return manifest
+
+def merge_extract(out_dir: Path) -> dict | None:
+    """Write manifest.json once every shard of the stream is on disk; None while some are missing.
+
+    Safe to call from every worker at any time: one merges (under the folder's lock), the rest
+    see the lock or the finished manifest.
+    """
+    out_dir = Path(out_dir)
+    with merge_lock(out_dir) as mine:
+        if not mine:
+            log.info("extract: another worker is merging %s", out_dir)
+            return None
+        if (out_dir / MANIFEST).exists():
+            man = json.loads((out_dir / MANIFEST).read_text())
+            if man.get("complete"):
+                return man
+        records = read_records(out_dir / WORKERS_DIR)
+        finished = [r for r in records if r.get("total_shards") is not None]
+        if not finished:
+            return None
+        n_shards = finished[0]["total_shards"]
+        done = _done_shards(out_dir)
+        missing = [j for j in range(n_shards) if j not in done]
+        if missing:
+            log.info("extract: %d of %d shards are done; the worker that finishes the last one writes the manifest",
+                     n_shards - len(missing), n_shards)
+            return None
+        stage_doc = json.loads((out_dir / PROGRESS).read_text())
+        shards = [{k: v for k, v in done[j].items() if k != "index"} for j in range(n_shards)]
+        wall = max(r["wall_s"] for r in finished)
+        manifest = dict(stage_doc)
+        manifest.update(
+            complete=True,
+            shards=shards,
+            tokens=sum(s["tokens"] for s in shards),
+            sequences=sum(s["sequences"] for s in shards),
+            corpus_stats=finished[0]["corpus_stats"],
+            wall_s=wall,
+            device=",".join(sorted({r["device"] for r in finished})),
+            workers=[{k: r.get(k) for k in ("worker", "workers", "device", "wall_s", "forward_s", "new_tokens",
+                                            "tokens_per_s")} for r in finished],
+        )
+        new_tokens = sum(r.get("new_tokens", 0) for r in finished)
+        manifest["tokens_per_s"] = round(new_tokens / wall, 1) if wall > 0 and new_tokens else None
+        write_json_atomic(out_dir / MANIFEST, manifest)
+        (out_dir / PROGRESS).unlink(missing_ok=True)
+        log.info("extract: %d tokens in %d sequences, %d shards -> %s", manifest["tokens"], manifest["sequences"],
+                 len(shards), out_dir)
+        return manifest

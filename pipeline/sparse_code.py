@@ -2,6 +2,12 @@
 
 Reads the extract shards one row group at a time (memory bounded by the dictionary sample and
 one batch), writes one part file per shard (resumable), and merges them into codes.h5.
+
+Several workers (pipeline.workers) code disjoint shards into the same parts folder; the worker
+that completes the set merges, so the result is the single-worker one. All of them must code with
+one dictionary: under torchrun rank 0 learns it while the others wait at a barrier; with
+`--shard-index/--num-shards` it is learnt first by `--dictionary-only` and the workers refuse to
+start without it (a dictionary learnt by every worker would differ on GPUs).
 """
 
 from __future__ import annotations
@@ -18,18 +24,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mlsm.device import pick_device
 from mlsm.errors import MLSMError
 from mlsm.manifest import (
-    MANIFEST, PROGRESS, atomic_path, new_manifest, prepare_stage, read_manifest, sha256_file,
-    sha256_json, write_json_atomic,
+    MANIFEST, PROGRESS, atomic_path, new_manifest, read_manifest, sha256_file, sha256_json, write_json_atomic,
 )
-from pipeline.codes import dense_to_csr, merge_parts, write_part
-from pipeline.extract import pick_device
+from pipeline.codes import dense_to_csr, merge_parts, top_k_codes, write_part
 from pipeline.shards import iter_shard_batches, read_rows
+from pipeline.workers import Worker, finish, merge_lock, prepare_shared_stage, read_records, resolve_worker
 
 log = logging.getLogger(__name__)
 
 SOLVER_NAME = "nn_lasso: working set + certified duality gap"
+WORKERS_DIR = "workers"
 
 
 def normalize_rows(h: np.ndarray, device, eps: float = 1e-6) -> torch.Tensor:
@@ -52,21 +59,33 @@ def sample_vectors(extract_dir: Path, shards: list[dict], layer: int, n: int, se
     for i, s in enumerate(tqdm(shards, desc="sample", unit="shard", leave=False)):
         rows = picked[(picked >= starts[i]) & (picked < starts[i + 1])] - starts[i]
         if len(rows):
-            out.append(read_rows(extract_dir / s["file"], layer, rows))
+            path = extract_dir / s["file"]
+            if not path.exists():
+                raise MLSMError(f"{path} is gone (deleted by --delete-hidden or make clean-hidden) and the dictionary "
+                                f"must be learnt again; re-extract with `mlsm extract --force`.")
+            out.append(read_rows(path, layer, rows))
     sample = np.concatenate(out)
     return sample[rng.permutation(len(sample))]
+
+
+def _load_dictionary(path: Path, dict_key: str):
+    """(D, stats) if path holds the dictionary these parameters ask for, else None."""
+    if path.exists():
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("params_key") == dict_key:
+                return torch.from_numpy(f["D"][:]), json.loads(f.attrs["stats"])
+    return None
 
 
 def _dictionary(extract_dir, out_dir, man, layer, K, lam, dict_samples, heldout, seed, device, dict_key, progress):
     from pipeline.dictionary import learn_dictionary
 
     path = out_dir / "dictionary.h5"
-    if path.exists():
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("params_key") == dict_key:
-                log.info("sparse-code: reusing the dictionary in %s", path)
-                return torch.from_numpy(f["D"][:]), json.loads(f.attrs["stats"])
-        path.unlink()
+    found = _load_dictionary(path, dict_key)
+    if found is not None:
+        log.info("sparse-code: reusing the dictionary in %s", path)
+        return found
+    path.unlink(missing_ok=True)
     total = sum(s["tokens"] for s in man["shards"])
     n_held = min(heldout, total // 10)
     raw = sample_vectors(extract_dir, man["shards"], layer, dict_samples + n_held, seed)
@@ -82,6 +101,53 @@ def _dictionary(extract_dir, out_dir, man, layer, K, lam, dict_samples, heldout,
             f.attrs.update(K=K, d=D.shape[0], layer=layer, **{"lambda": lam}, params_key=dict_key,
                            stats=json.dumps(result.stats))
     return D, result.stats
+
+
+def _shared_dictionary(worker: Worker, dictionary_only: bool, out_dir, dict_key, learn):
+    """The one dictionary every worker codes with (see the module docstring)."""
+    path = out_dir / "dictionary.h5"
+    if worker.distributed:
+        if worker.index == 0:
+            try:
+                learn()
+            finally:
+                worker.barrier()
+        else:
+            log.info("sparse-code: rank %d waits for rank 0's dictionary", worker.index)
+            worker.barrier()
+    elif worker.count == 1 or dictionary_only:
+        return learn()
+    found = _load_dictionary(path, dict_key)
+    if found is None:
+        raise MLSMError(f"{path} with these parameters is missing: workers of a sharded run share one dictionary. "
+                        f"Learn it first with the same arguments plus --dictionary-only (without --shard-index), "
+                        f"or launch the workers with torchrun.")
+    return found
+
+
+def _code_shard(extract_dir, shard, part, layer, D, gram, lam, tol, batch_size, top_k, value_dtype, dev, bar):
+    from pipeline.solvers import nn_lasso
+
+    toks, seqs, counts, idx, vals, gaps, recon = [], [], [], [], [], [], []
+    for rg in iter_shard_batches(extract_dir / shard["file"], layer):
+        toks.append(rg["token_id"])
+        seqs.append(rg["seq_id"])
+        for b in range(0, len(rg["token_id"]), batch_size):
+            x = normalize_rows(rg["hidden"][b:b + batch_size], dev)
+            res = nn_lasso(x, D, lam, tol=tol, gram=gram)
+            a = res.codes
+            recon.append((x - a @ D.T).norm(dim=1).cpu().numpy())
+            c, j, v = dense_to_csr(a.cpu().numpy(), value_dtype)
+            if top_k:
+                c, j, v = top_k_codes(c, j, v, top_k)
+            counts.append(c), idx.append(j), vals.append(v), gaps.append(res.rel_gap.cpu().numpy())
+            bar.update(len(x))
+    seq_ids = np.concatenate(seqs)
+    _, seq_lengths = np.unique(seq_ids, return_counts=True)
+    write_part(part, np.concatenate(toks), seq_lengths, np.concatenate(counts), np.concatenate(idx),
+               np.concatenate(vals), np.concatenate(gaps),
+               attrs={"recon_err_sum": float(np.concatenate(recon).sum()), "shard": shard["file"]})
+    return len(seq_ids)
 
 
 def run_sparse_code(
@@ -100,10 +166,27 @@ def run_sparse_code(
     device: str = "auto",
     force: bool = False,
     progress: bool = True,
+    shard_index: int | None = None,
+    num_shards: int | None = None,
+    dictionary_only: bool = False,
+    delete_hidden: bool = False,
 ) -> dict:
-    from pipeline.solvers import nn_lasso
+    """Code this worker's shards; the worker that completes the set merges codes.h5 and writes the manifest.
 
-    extract_dir, out_dir = Path(extract_dir), Path(out_dir)
+    Returns the stage manifest, or (for a worker that is not last, or --dictionary-only) a
+    record with complete=False and a "report".
+    """
+    worker = resolve_worker(shard_index, num_shards)
+    try:
+        return _run_sparse_code(worker, Path(extract_dir), Path(out_dir), layer, K, lam, tol, dict_samples, heldout,
+                                batch_size, top_k, values, seed, device, force, progress, dictionary_only,
+                                delete_hidden)
+    finally:
+        finish(worker)
+
+
+def _run_sparse_code(worker, extract_dir, out_dir, layer, K, lam, tol, dict_samples, heldout, batch_size, top_k,
+                     values, seed, device, force, progress, dictionary_only, delete_hidden) -> dict:
     man = read_manifest(extract_dir, stage="extract", fix="mlsm extract (or make extract)")
     if layer is None:
         if len(man["params"]["layers"]) != 1:
@@ -115,14 +198,16 @@ def run_sparse_code(
             f"Run `mlsm extract --layers {layer}` (or make extract LAYER={layer}), or pick one of those."
         )
     if values not in ("float32", "float16"):
-        raise MLSMError("--values must be float32 or float16")
+        raise MLSMError("--values-dtype must be float32 or float16")
     if K > 65535:
         raise MLSMError("K must be below 65536: atom indices are stored as uint16.")
+    if top_k is not None and top_k < 1:
+        raise MLSMError("--top-k must be at least 1 (leave it out to keep every atom).")
     params = {"layer": layer, "K": K, "lambda": lam, "tol": tol, "dict_samples": dict_samples,
               "heldout": heldout, "top_k": top_k, "values": values, "seed": seed}
     inputs = {"extract_manifest": sha256_file(extract_dir / MANIFEST)}
-    state, old = prepare_stage(out_dir, "sparse-code", params, inputs, force,
-                               ["dictionary.h5", "codes.h5", "parts", "tokenizer"])
+    state, old = prepare_shared_stage(worker, out_dir, "sparse-code", params, inputs, force,
+                                      ["dictionary.h5", "codes.h5", "parts", "tokenizer", WORKERS_DIR])
     if state == "done":
         log.info("sparse-code: %s is already complete; nothing to do. Use --force to redo it.", out_dir)
         return old
@@ -132,92 +217,119 @@ def run_sparse_code(
 
     t0 = time.time()
     dict_key = sha256_json({k: params[k] for k in ("layer", "K", "lambda", "dict_samples", "heldout", "seed")} | inputs)
-    D, dict_stats = _dictionary(extract_dir, out_dir, man, layer, K, lam, dict_samples, heldout, seed, dev, dict_key, progress)
+    D, dict_stats = _shared_dictionary(
+        worker, dictionary_only, out_dir, dict_key,
+        lambda: _dictionary(extract_dir, out_dir, man, layer, K, lam, dict_samples, heldout, seed, dev, dict_key,
+                            progress))
     t_dict = time.time() - t0
+    if dictionary_only:
+        log.info("sparse-code: dictionary ready in %s; now start the workers", out_dir / "dictionary.h5")
+        return {"complete": False, "report": {"dictionary": str(out_dir / "dictionary.h5"), "dictionary_s": round(t_dict, 1),
+                                              **{k: dict_stats.get(k) for k in ("heldout_objective",) if k in dict_stats}}}
     D = D.to(dev)
     gram = D.T @ D
     value_dtype = np.float16 if values == "float16" else np.float32
 
     parts_dir = out_dir / "parts"
     parts_dir.mkdir(exist_ok=True)
-    total = man["tokens"]
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="sparse-code", disable=not progress)
+    mine = [(i, s) for i, s in enumerate(man["shards"]) if worker.owns(i)]
+    bar = tqdm(total=sum(s["tokens"] for _, s in mine), unit="tok", unit_scale=True,
+               desc=f"sparse-code {worker.index}/{worker.count}", disable=not progress)
     t1 = time.time()
     coded = 0
-    parts = []
-    for i, shard in enumerate(man["shards"]):
+    for i, shard in mine:
         part = parts_dir / f"part-{i:05d}.h5"
-        parts.append(part)
-        if part.exists():
+        if not part.exists():
+            if not (extract_dir / shard["file"]).exists():
+                raise MLSMError(f"{extract_dir / shard['file']} is missing and its codes were never written; "
+                                f"re-extract with `mlsm extract --force`.")
+            coded += _code_shard(extract_dir, shard, part, layer, D, gram, lam, tol, batch_size, top_k, value_dtype,
+                                 dev, bar)
+        else:
             bar.update(shard["tokens"])
-            continue
-        toks, seqs, counts, idx, vals, gaps, recon = [], [], [], [], [], [], []
-        for rg in iter_shard_batches(extract_dir / shard["file"], layer):
-            toks.append(rg["token_id"])
-            seqs.append(rg["seq_id"])
-            for b in range(0, len(rg["token_id"]), batch_size):
-                x = normalize_rows(rg["hidden"][b:b + batch_size], dev)
-                res = nn_lasso(x, D, lam, tol=tol, gram=gram)
-                a = res.codes
-                recon.append((x - a @ D.T).norm(dim=1).cpu().numpy())
-                if top_k:
-                    keep = torch.topk(a, min(top_k, K), dim=1)
-                    a = torch.zeros_like(a).scatter_(1, keep.indices, keep.values)
-                c, j, v = dense_to_csr(a.cpu().numpy(), value_dtype)
-                counts.append(c), idx.append(j), vals.append(v), gaps.append(res.rel_gap.cpu().numpy())
-                bar.update(len(x))
-                coded += len(x)
-        seq_ids = np.concatenate(seqs)
-        _, seq_lengths = np.unique(seq_ids, return_counts=True)
-        recon_all = np.concatenate(recon)
-        write_part(part, np.concatenate(toks), seq_lengths, np.concatenate(counts), np.concatenate(idx),
-                   np.concatenate(vals), np.concatenate(gaps),
-                   attrs={"recon_err_sum": float(recon_all.sum()), "shard": shard["file"]})
+        if delete_hidden and (extract_dir / shard["file"]).exists():  # write_part fsynced the part
+            (extract_dir / shard["file"]).unlink()
     bar.close()
     t_code = time.time() - t1
+    record = {"worker": worker.index, "workers": worker.count, "device": str(dev), "dictionary_s": round(t_dict, 1),
+              "coding_s": round(t_code, 1), "coded_tokens": coded,
+              "coding_tokens_per_s": round(coded / t_code, 1) if coded and t_code > 0 else None}
+    write_json_atomic(out_dir / WORKERS_DIR / f"{worker.name}.json", record)
+    manifest = merge_codes(extract_dir, out_dir)
+    return manifest if manifest is not None else {**record, "complete": False, "report": record}
 
-    recon_sum = 0.0
-    for p in parts:
-        with h5py.File(p, "r") as f:
-            recon_sum += float(f.attrs["recon_err_sum"])
-    from trainer.checkpoint import load_tokenizer, tokenizer_fingerprint
 
-    tok_fp = tokenizer_fingerprint(load_tokenizer(extract_dir / "tokenizer"))
-    attrs = {
-        "lambda": lam, "K": K, "layer": layer, "solver": SOLVER_NAME, "tolerance": tol,
-        "top_k": top_k or 0, "values_dtype": values,
-        "extract_fingerprint": inputs["extract_manifest"],
-        "dictionary_fingerprint": hashlib.sha256(D.cpu().numpy().tobytes()).hexdigest(),
-        "tokenizer_fingerprint": tok_fp,
-    }
-    stats = merge_parts(parts, out_dir / "codes.h5", attrs, value_dtype)
-    if stats["tokens"] != total:
-        raise MLSMError(f"merged {stats['tokens']} tokens but the extract manifest lists {total}; re-run with --force.")
-    shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
-    shutil.copytree(extract_dir / "tokenizer", out_dir / "tokenizer")
-    shutil.rmtree(parts_dir)
+def merge_codes(extract_dir: Path, out_dir: Path) -> dict | None:
+    """Merge the parts into codes.h5 and write the manifest once every shard is coded; else None.
 
-    nnz = stats["nnz"]
-    with h5py.File(out_dir / "codes.h5", "r") as f:
-        indptr = f["codes/indptr"][:]
-    zero_rows = int((np.diff(indptr) == 0).sum())
-    report = {
-        "tokens": total,
-        "nnz_per_token": round(nnz / total, 2),
-        "bytes_per_token": round(stats["bytes"] / total, 1),
-        "codes_bytes": stats["bytes"],
-        "rel_recon_error": round(recon_sum / total, 4),
-        "zero_code_tokens": zero_rows,
-        "gap_mean": stats.get("gap_mean"), "gap_p99": stats.get("gap_p99"), "gap_max": stats.get("gap_max"),
-        "dictionary_s": round(t_dict, 1),
-        "coding_s": round(t_code, 1),
-        "coding_tokens_per_s": round(coded / t_code, 1) if coded and t_code > 0 else None,
-        "device": str(dev),
-    }
-    manifest = dict(progress_doc)
-    manifest.update(complete=True, solver=SOLVER_NAME, dictionary=dict_stats, report=report,
-                    tokenizer_fingerprint=tok_fp, tokens=total)
-    write_json_atomic(out_dir / MANIFEST, manifest)
-    (out_dir / PROGRESS).unlink(missing_ok=True)
-    log.info("sparse-code: %s", json.dumps(report))
-    return manifest
+    Safe to call from every worker at any time: one merges (under the folder's lock), the rest see
+    the lock or the finished manifest.
+    """
+    extract_dir, out_dir = Path(extract_dir), Path(out_dir)
+    with merge_lock(out_dir) as mine:
+        if not mine:
+            log.info("sparse-code: another worker is merging %s", out_dir)
+            return None
+        if (out_dir / MANIFEST).exists():
+            done = json.loads((out_dir / MANIFEST).read_text())
+            if done.get("complete"):
+                return done
+        man = read_manifest(extract_dir, stage="extract", fix="mlsm extract (or make extract)")
+        progress_doc = json.loads((out_dir / PROGRESS).read_text())
+        p = progress_doc["params"]
+        parts = [out_dir / "parts" / f"part-{i:05d}.h5" for i in range(len(man["shards"]))]
+        n_missing = sum(not q.exists() for q in parts)
+        if n_missing:
+            log.info("sparse-code: %d of %d parts are done; the worker that codes the last one merges them",
+                     len(parts) - n_missing, len(parts))
+            return None
+        with h5py.File(out_dir / "dictionary.h5", "r") as f:
+            D = f["D"][:]
+            dict_stats = json.loads(f.attrs["stats"])
+        recon_sum = 0.0
+        for q in parts:
+            with h5py.File(q, "r") as f:
+                recon_sum += float(f.attrs["recon_err_sum"])
+        from trainer.checkpoint import load_tokenizer, tokenizer_fingerprint
+
+        tok_fp = tokenizer_fingerprint(load_tokenizer(extract_dir / "tokenizer"))
+        attrs = {
+            "lambda": p["lambda"], "K": p["K"], "layer": p["layer"], "solver": SOLVER_NAME, "tolerance": p["tol"],
+            "top_k": p["top_k"] or 0, "values_dtype": p["values"],
+            "extract_fingerprint": progress_doc["inputs"]["extract_manifest"],
+            "dictionary_fingerprint": hashlib.sha256(np.ascontiguousarray(D, dtype=np.float32).tobytes()).hexdigest(),
+            "tokenizer_fingerprint": tok_fp,
+        }
+        value_dtype = np.float16 if p["values"] == "float16" else np.float32
+        total = man["tokens"]
+        stats = merge_parts(parts, out_dir / "codes.h5", attrs, value_dtype)
+        if stats["tokens"] != total:
+            raise MLSMError(f"merged {stats['tokens']} tokens but the extract manifest lists {total}; re-run with --force.")
+        shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
+        shutil.copytree(extract_dir / "tokenizer", out_dir / "tokenizer")
+        shutil.rmtree(out_dir / "parts")
+
+        records = read_records(out_dir / WORKERS_DIR)
+        coded = sum(r["coded_tokens"] for r in records)
+        t_code = max((r["coding_s"] for r in records), default=0.0)
+        report = {
+            "tokens": total,
+            "nnz_per_token": round(stats["nnz"] / total, 2),
+            "bytes_per_token": round(stats["bytes"] / total, 1),
+            "codes_bytes": stats["bytes"],
+            "rel_recon_error": round(recon_sum / total, 4),
+            "zero_code_tokens": stats["zero_rows"],
+            "gap_mean": stats.get("gap_mean"), "gap_p99": stats.get("gap_p99"), "gap_max": stats.get("gap_max"),
+            "dictionary_s": max((r["dictionary_s"] for r in records), default=None),
+            "coding_s": t_code,
+            "coding_tokens_per_s": round(coded / t_code, 1) if coded and t_code > 0 else None,
+            "device": ",".join(sorted({r["device"] for r in records})),
+            "workers": len(records),
+        }
+        manifest = dict(progress_doc)
+        manifest.update(complete=True, solver=SOLVER_NAME, dictionary=dict_stats, report=report,
+                        tokenizer_fingerprint=tok_fp, tokens=total)
+        write_json_atomic(out_dir / MANIFEST, manifest)
+        (out_dir / PROGRESS).unlink(missing_ok=True)
+        log.info("sparse-code: %s", json.dumps(report))
+        return manifest

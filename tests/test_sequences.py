@@ -47,3 +47,18 @@ def test_limit_tokens_stops_before_the_budget():
     seqs = [np.zeros(n, np.int32) for n in (5, 5, 5)]
     assert [len(s) for s in limit_tokens(seqs, 12)] == [5, 5]
     assert len(list(limit_tokens(seqs, None))) == 3
+
+
+def test_shard_cuts_depend_only_on_the_stream():
+    from pipeline.extract import cut_shards
+
+    rng = np.random.default_rng(0)
+    seqs = [np.zeros(n, np.int32) for n in rng.integers(3, 40, 200)]
+    shards = list(cut_shards(iter(seqs), 250))
+    assert [i for i, _, _ in shards] == list(range(len(shards)))
+    assert sum(len(s) for _, _, b in shards for s in b) == sum(len(s) for s in seqs)
+    firsts = np.cumsum([0] + [len(b) for _, _, b in shards])[:-1]
+    assert [f for _, f, _ in shards] == list(firsts)
+    for _, _, b in shards[:-1]:
+        n = sum(len(s) for s in b)
+        assert n >= 250 and n - len(b[-1]) < 250  # closes at the first sequence reaching the budget
