@@ -143,6 +143,22 @@ bench-train: setup $(CORPUS_DEP)
 	$(BIN)/python bench/train_throughput.py --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE)) \
 	    --model $(BENCH_MODEL) --corpus "$(CORPUS)" --layer $(LAYER)
 
+# Extract vs the auxiliary forward alone, bytes/token of hidden states and codes, top-k KL table
+# (bench/extract_throughput.py; last line JSON). BENCH_CODES=data/codes/codes.h5 reuses real codes.
+.PHONY: bench-extract bench-memory
+BENCH_TOKENS ?= 50000
+BENCH_CODES  ?=
+bench-extract: setup $(CORPUS_DEP)
+	$(BIN)/python bench/extract_throughput.py --corpus "$(CORPUS)" --aux $(AUX) --layers $(LAYER) \
+	    --tokens $(BENCH_TOKENS) -k $(K) --device $(DEVICE) $(if $(BENCH_CODES),--codes $(BENCH_CODES)) \
+	    --out runs/bench-extract
+
+# Peak RSS of extract and sparse-code at N and at 10N tokens from a 10x corpus (bench/stage_memory.py).
+MEMORY_TOKENS ?= 25000
+bench-memory: setup $(CORPUS_DEP)
+	$(BIN)/python bench/stage_memory.py --corpus "$(CORPUS)" --tokens $(MEMORY_TOKENS) --layer $(LAYER) -k $(K) \
+	    --device $(DEVICE) --out runs/bench-memory
+
 clean-hidden:
 	rm -f $(EXTRACT_DIR)/shard-*.parquet
 

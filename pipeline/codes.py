@@ -79,7 +79,7 @@ def truncation_kl(row_counts: np.ndarray, values: np.ndarray, k: int) -> np.ndar
     total = np.bincount(rows, weights=v, minlength=len(row_counts))
     kept = np.bincount(rows, weights=np.where(_rank_in_row(row_counts, values) < k, v, 0.0), minlength=len(row_counts))
     has = total > 0
-    return -np.log(kept[has] / total[has])
+    return np.log(total[has] / kept[has])
 
 
 def write_part(

@@ -1,0 +1,175 @@
+"""Extract throughput against the auxiliary forward alone, and what the codes cost to store.
+
+One run, same slice of the corpus, same batches:
+  1. packing only (tokenizer batch API + packing): tokenize_tokens_per_s;
+  2. the forward alone on pre-packed batches (after one warm-up batch): forward_tokens_per_s,
+     timed before and after step 3 and averaged, so drifting machine load hits both alike;
+  3. the whole extract stage (tokenize + forward + Parquet write, threads overlapping them):
+     extract_tokens_per_s. Target: >= 90% of the forward alone.
+Then storage: bytes per token of the hidden states and of codes.h5 (--codes, or codes made here
+from the benchmark's own hidden states), and for top-k truncation N in {8, 16, 32, 64, all}: nnz and
+bytes per token (float32 and float16 values) and KL(t_N || t), the divergence between the
+truncated, renormalised target and the full one (= -log of the kept mass).
+
+    python bench/extract_throughput.py --tokens 50000 --out runs/bench-extract     (make bench-extract)
+
+The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from mlsm.device import pick_device
+from pipeline import corpus as corpus_mod
+from pipeline.codes import merge_parts, top_k_codes, truncation_kl, write_part
+from pipeline.extract import _batches, cut_shards, forward_batch, run_extract
+from pipeline.sequences import limit_tokens, pack_documents
+
+TOP_K = (8, 16, 32, 64, None)
+
+
+def pack(corpus: str, tokenizer, special: dict, max_len: int, tokens: int) -> tuple[list[np.ndarray], float]:
+    t0 = time.time()
+    paths = corpus_mod.resolve_corpus(corpus)
+    seqs = list(limit_tokens(pack_documents(corpus_mod.iter_documents(paths), tokenizer, max_len, special["cls"],
+                                            special["sep"]), tokens))
+    return seqs, time.time() - t0
+
+
+def forward_only(encoder, seqs, layers, pad, dev, dtype, shard_tokens, batch_tokens) -> float:
+    batches = [b for _, _, shard in cut_shards(seqs, shard_tokens) for b in _batches(shard, batch_tokens)]
+    forward_batch(encoder, batches[0], layers, pad, dev, dtype)  # warm-up (kernels, allocator)
+    t0 = time.time()
+    for b in batches:
+        forward_batch(encoder, b, layers, pad, dev, dtype)  # returns CPU arrays: synchronised
+    return time.time() - t0
+
+
+def code_table(codes_path: Path, work: Path, chunk_tokens: int = 65536) -> tuple[float, list[dict]]:
+    """bytes/token of codes_path and, per top-k, nnz, bytes/token (rewritten with the same layout) and KL."""
+    with h5py.File(codes_path, "r") as f:
+        n = f["tokens"].shape[0]
+        offsets = f["seq_offsets"][:]
+        cuts = [0]
+        for o in offsets[1:]:  # chunk boundaries at sequence starts
+            if o - cuts[-1] >= chunk_tokens or o == offsets[-1]:
+                cuts.append(int(o))
+        rows = []
+        for k in TOP_K:
+            kls, nnz, parts16, parts32 = [], 0, [], []
+            for c, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+                ptr = f["codes/indptr"][a:b + 1]
+                counts = np.diff(ptr)
+                idx, val = f["codes/indices"][ptr[0]:ptr[-1]], f["codes/values"][ptr[0]:ptr[-1]]
+                if k is not None:
+                    kls.append(truncation_kl(counts, val, k))
+                    counts, idx, val = top_k_codes(counts, idx, val, k)
+                nnz += int(counts.sum())
+                tok = f["tokens"][a:b]
+                lengths = np.diff(offsets[(offsets >= a) & (offsets <= b)])
+                for dtype, parts in ((np.float16, parts16), (np.float32, parts32)):
+                    parts.append(work / f"k{k}-{dtype.__name__}-{c:04d}.h5")
+                    write_part(parts[-1], tok, lengths, counts, idx, val.astype(dtype))
+            row = {"k": k or "all", "nnz_per_token": round(nnz / n, 2)}
+            for dtype, parts in ((np.float32, parts32), (np.float16, parts16)):
+                stats = merge_parts(parts, work / "merged.h5", {}, dtype)
+                row[f"bytes_per_token_{dtype.__name__}"] = round(stats["bytes"] / n, 1)
+                for p in parts:
+                    p.unlink()
+            kl = np.concatenate(kls) if kls else np.zeros(1)
+            row.update(kl_mean=round(float(kl.mean()), 4), kl_p99=round(float(np.quantile(kl, 0.99)), 4))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return round(os.path.getsize(codes_path) / n, 1), rows
+
+
+def main(argv=None) -> dict:
+    from trainer import checkpoint
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", default="data/corpus")
+    ap.add_argument("--aux", default=None)
+    ap.add_argument("--layers", default="6")
+    ap.add_argument("--tokens", type=int, default=50_000)
+    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--shard-tokens", type=int, default=200_000)
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--codes", type=Path, default=None,
+                    help="codes.h5 for the storage table (default: code this run's hidden states with -k).")
+    ap.add_argument("-k", "--K", type=int, default=3000)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-extract"))
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    layers = [int(x) for x in a.layers.split(",")]
+    dev = pick_device(a.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model_dir = checkpoint.resolve_model_dir(a.aux)
+    tokenizer = checkpoint.load_tokenizer(model_dir)
+    special = checkpoint.special_token_ids(tokenizer)
+    encoder, config, _ = checkpoint.load_encoder(a.aux, device=dev)
+
+    seqs, t_pack = pack(a.corpus, tokenizer, special, a.max_len, a.tokens)
+    n = sum(len(s) for s in seqs)
+    fwd = [forward_only(encoder, seqs, layers, special["pad"], dev, dtype, a.shard_tokens, a.batch_tokens)]
+    ext_dir = a.out / "extract"
+    man = run_extract(a.corpus, ext_dir, layers, aux=a.aux, max_len=a.max_len, max_tokens=a.tokens,
+                      shard_tokens=a.shard_tokens, batch_tokens=a.batch_tokens, device=a.device, force=True,
+                      progress=False)
+    fwd.append(forward_only(encoder, seqs, layers, special["pad"], dev, dtype, a.shard_tokens, a.batch_tokens))
+    assert man["tokens"] == n, (man["tokens"], n)
+    hidden_bytes = sum((ext_dir / s["file"]).stat().st_size for s in man["shards"])
+    forward_tps = n / float(np.mean(fwd))
+    extract_tps = n / man["wall_s"]
+
+    codes = a.codes
+    if codes is None:
+        from pipeline.sparse_code import run_sparse_code
+
+        run_sparse_code(ext_dir, a.out / "codes", layer=layers[0], K=a.K, dict_samples=min(n, 100_000),
+                        heldout=min(n // 10, 10_000), device=a.device, force=True, progress=False)
+        codes = a.out / "codes" / "codes.h5"
+    work = a.out / "topk"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    codes_bpt, table = code_table(codes, work)
+    shutil.rmtree(work)
+    with h5py.File(codes, "r") as f:
+        codes_info = {"path": str(codes), "K": int(f.attrs["K"]), "tokens": int(f["tokens"].shape[0])}
+    result = {
+        "tokens": n,
+        "tokenize_tokens_per_s": round(n / t_pack, 1),
+        "forward_tokens_per_s": round(forward_tps, 1),
+        "forward_runs_s": [round(x, 2) for x in fwd],
+        "extract_tokens_per_s": round(extract_tps, 1),
+        "extract_over_forward": round(extract_tps / forward_tps, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "bytes_per_token_hidden": round(hidden_bytes / n, 1),
+        "bytes_per_token_codes": codes_bpt,
+        "codes": codes_info,
+        "top_k": table,
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "threads": torch.get_num_threads(),
+        "aux": str(a.aux or checkpoint.DEFAULT_AUX), "d": config.hidden_size, "layers": layers,
+        "batch_tokens": a.batch_tokens,
+        "load": [round(x, 2) for x in os.getloadavg()],
+    }
+    (a.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
