@@ -223,3 +223,15 @@ def test_plot_writes_a_png_of_both_runs(codes_h5, tokens_h5, tmp_path, monkeypat
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if it were not installed
     with pytest.raises(MLSMError, match="make plot"):
         plot_runs([tmp_path / "mlsm"], tmp_path / "y.png")
+
+
+def test_bf16_autocast_flag_on_cpu(codes_h5, tmp_path):
+    """--precision bf16 runs the forward under bf16 autocast (so its losses differ from fp32 in low bits)."""
+    kw = dict(steps=2, model_overrides=dict(NO_DROPOUT), mlm_weight=1.0)
+    run_pretrain(_cfg(codes_h5, tmp_path / "fp32", precision="fp32", **kw))
+    run_pretrain(_cfg(codes_h5, tmp_path / "bf16", precision="bf16", **kw))
+    a, b = _metrics(tmp_path / "fp32"), _metrics(tmp_path / "bf16")
+    assert all(r["loss"] == pytest.approx(s["loss"], rel=2e-2) for r, s in zip(a, b))
+    assert a[0]["loss"] != b[0]["loss"]
+    with pytest.raises(MLSMError, match="precision"):
+        run_pretrain(_cfg(codes_h5, tmp_path / "x", precision="fp8"))

@@ -19,37 +19,17 @@ import torch
 from safetensors.torch import load_file
 
 from mlsm.errors import MLSMError
-from tests.test_data import make_dataset
 from trainer import checkpoint, train
 from trainer.train import PretrainConfig, run_pretrain
 
+from tests.test_train import TIMING, _metrics, codes_h5, one_thread  # noqa: F401  (fixtures shared with test_train)
+from tests.test_train import _cfg as _train_cfg
+
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
-TIMING = {"tokens_per_s", "elapsed_s"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def codes_h5(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("codes"))
 
 
 def _cfg(data: Path, out: Path, **kw) -> PretrainConfig:
-    args = dict(data=data, out_dir=out, steps=6, batch_size=8, lr=1e-2, warmup=0.1, model_overrides=SMALL,
-                max_len=16, log_every=1, save_every=1, device="cpu", progress=False)
-    args.update(kw)
-    return PretrainConfig(**args)
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return _train_cfg(data, out, **{"steps": 6, "save_every": 1, **kw})
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:

@@ -226,7 +226,7 @@ def _key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     if attention_mask is None:
         return None
     m = attention_mask.bool()
-    if bool(m.all()):
+    if not torch.compiler.is_compiling() and bool(m.all()):  # a host sync; under compile, keep one graph
         return None
     m = m | ~m.any(dim=-1, keepdim=True)
     return m[:, None, None, :]
