@@ -1,8 +1,11 @@
-"""The pre-training loop: one file, one loop, everything that happens per step visible in `run_pretrain`.
+"""The pre-training loop: one file, one loop; a step's work is `train_step`, the run's is `run_pretrain`.
 
 The student learns from the data file alone (codes.h5, or tokens.h5 for plain MLM); the auxiliary
 model that produced the codes is never loaded here. Checkpoints carry everything needed to resume
-bit-identically on CPU: weights, optimizer, RNG state and the data position.
+bit-identically on CPU: weights, optimizer, RNG state (per rank under DDP), the data position and
+the count of skipped steps; each one records its files' checksums, so a checkpoint damaged on disk
+is noticed on resume and passed over for the previous one. A step whose loss or gradient is not
+finite is skipped (counted in metrics.jsonl); `max_bad_steps` of them in a row stop the run.
 """
 
 from __future__ import annotations
