@@ -226,6 +226,9 @@ def _run_sparse_code(worker, extract_dir, out_dir, layer, K, lam, tol, dict_samp
         log.info("sparse-code: dictionary ready in %s; now start the workers", out_dir / "dictionary.h5")
         return {"complete": False, "report": {"dictionary": str(out_dir / "dictionary.h5"), "dictionary_s": round(t_dict, 1),
                                               **{k: dict_stats.get(k) for k in ("heldout_objective",) if k in dict_stats}}}
+    if man.get("d") is not None and tuple(D.shape) != (man["d"], K):
+        raise MLSMError(f"{out_dir / 'dictionary.h5'} is a {D.shape[0]} x {D.shape[1]} dictionary, but the hidden states "
+                        f"have d={man['d']} and K={K} was asked for; rebuild it with `mlsm sparse-code ... --force`.")
     D = D.to(dev)
     gram = D.T @ D
     value_dtype = np.float16 if values == "float16" else np.float32

@@ -155,3 +155,56 @@ def test_lipschitz_is_largest_eigenvalue():
     ev = np.linalg.eigvalsh((D.T @ D).numpy())[-1]
     assert math.isclose(lipschitz(D), ev, rel_tol=1e-9)
     assert math.isclose(lipschitz(D.float()), ev, rel_tol=1e-5)
+
+
+def test_deterministic_for_the_same_input():
+    X, D = _problem(d=24, K=120, B=40, nnz=10, seed=11)
+    runs = [nn_lasso(X.float(), D.float(), LAM, tol=1e-5, ws_size=4, ws_grow=3) for _ in range(2)]
+    assert torch.equal(runs[0].codes, runs[1].codes)
+    assert torch.equal(runs[0].rel_gap, runs[1].rel_gap)
+    assert (runs[0].codes >= 0).all()
+
+
+def test_codes_are_non_negative_where_the_unconstrained_lasso_is_not():
+    # x = d0 - d1 with correlated atoms: the plain lasso puts a negative weight on d1, ours must not.
+    X, D = _problem(d=16, K=40, B=8, nnz=4, seed=12)
+    X = torch.nn.functional.normalize(D[:, :8].T - 0.8 * D[:, 8:16].T, dim=1)
+    res = nn_lasso(X.float(), D.float(), LAM, tol=1e-5)
+    assert (res.codes >= 0).all() and (res.rel_gap <= 1e-5).all()
+    A_ref = _reference(X, D)
+    assert ((_objective(X, D, res.codes.double()) - _objective(X, D, A_ref)) <= 1e-5 * _objective(X, D, A_ref) + 1e-9).all()
+    # precondition: without the sign constraint the optimum uses negative weights (plain ISTA, soft threshold)
+    G, xD = D.T @ D, X @ D
+    L = lipschitz(D)
+    a = torch.zeros(X.shape[0], D.shape[1], dtype=torch.float64)
+    for _ in range(3000):
+        z = a - (a @ G - xD) / L
+        a = z.sign() * (z.abs() - LAM / L).clamp(min=0)
+    assert (a < -1e-3).any()
+
+
+def test_wrong_dimension_dictionary_is_refused():
+    X, D = _problem(d=8, K=20, B=4, nnz=2, seed=13)
+    with pytest.raises(ValueError, match=r"X \(4, 8\) and D \(9, 20\) do not match"):
+        nn_lasso(X.float(), torch.randn(9, 20), LAM)
+    with pytest.raises(ValueError, match="do not match"):
+        nn_lasso(X.float()[0], D.float(), LAM)  # a vector, not a batch of rows
+
+
+def test_sparse_code_stage_refuses_a_dictionary_of_another_d(tmp_path, capsys):
+    import h5py
+
+    from tests.fault_kit import cli, small_pipeline
+
+    pipe = small_pipeline(tmp_path)
+    out = tmp_path / "codes2"
+    assert cli(pipe["code_cmd"] + ["--out", out, "--layer", "2", "--dictionary-only"]) == 0
+    with h5py.File(out / "dictionary.h5", "r+") as f:  # same parameters key, wrong width
+        K = f["D"].shape[1]
+        del f["D"]
+        f.create_dataset("D", data=np.eye(64, K, dtype=np.float32))
+    capsys.readouterr()
+    assert cli(pipe["code_cmd"] + ["--out", out, "--layer", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "64 x 16 dictionary" in err and "d=32" in err and "--force" in err
+    assert not (out / "codes.h5").exists()
