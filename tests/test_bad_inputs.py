@@ -174,6 +174,29 @@ def test_an_unreadable_file_is_an_error_before_any_work(pipe, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()  # refused before the output folder was made
 
 
+def test_a_folder_named_like_a_file_is_an_error(pipe, tmp_path, capsys, finished):
+    (tmp_path / "a.txt").mkdir()
+    assert _extract(pipe, tmp_path / "a.txt", finished[0]) == 2
+    assert "contains no corpus files" in _err(capsys)
+    _untouched(finished)
+
+
+def test_a_gzip_file_truncated_mid_corpus_stops_the_stage_keeping_finished_shards(pipe, tmp_path, capsys):
+    import gzip
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(_text(40))
+    packed = gzip.compress(_text(200).encode())
+    (tmp_path / "corpus" / "b.txt.gz").write_bytes(packed[: len(packed) // 2])
+    out = tmp_path / "out"
+    assert _extract(pipe, tmp_path / "corpus", out, "--shard-tokens", "100", "--batch-tokens", "128") == 2
+    err = _err(capsys)
+    assert "b.txt.gz" in err and "truncated or corrupt" in err
+    _nothing_complete(out)
+    for shard in out.glob("shard-*.parquet"):  # whatever was finished is whole
+        assert pq.read_table(shard).num_rows > 0
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file")
 def test_an_unreadable_file_by_permissions(pipe, tmp_path, capsys):
     (tmp_path / "secret.txt").write_text(_text())
