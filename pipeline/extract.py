@@ -32,7 +32,7 @@ from mlsm.errors import MLSMError
 from mlsm.manifest import MANIFEST, PROGRESS, new_manifest, write_json_atomic
 from pipeline import corpus as corpus_mod
 from pipeline.sequences import limit_tokens, pack_documents
-from pipeline.shards import shard_name, write_shard
+from pipeline.shards import shard_name, shard_rows, write_shard
 from pipeline.workers import Worker, finish, merge_lock, prepare_shared_stage, read_records, resolve_worker
 
 log = logging.getLogger(__name__)
@@ -112,11 +112,11 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
 
 
 def _done_shards(out_dir: Path) -> dict[int, dict]:
-    """Shards any worker (of any earlier split) finished and whose file is still there."""
+    """Shards any worker (of any earlier split) finished and whose file is still there, whole."""
     done = {}
     for rec in read_records(out_dir / WORKERS_DIR):
         for entry in rec["shards"]:
-            if (out_dir / entry["file"]).exists():
+            if shard_rows(out_dir / entry["file"]) == entry["tokens"]:  # present and whole
                 done[entry["index"]] = entry
     return done
 

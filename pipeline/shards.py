@@ -77,6 +77,19 @@ def write_shard(
                        use_dictionary=["seq_id", "position", "token_id"])
 
 
+def shard_rows(path: Path) -> int | None:
+    """Rows of a shard whose footer reads back, else None: how a resume tells a damaged shard from a finished one.
+
+    Truncation always takes the footer (it is written last), so a shard that lost its end is caught.
+    """
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowException) as e:
+        if Path(path).exists():
+            log.warning("%s is damaged (%s); it will be extracted again", path, e)
+        return None
+
+
 def list_shards(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob(SHARD_GLOB))
 

@@ -222,6 +222,31 @@ def test_a_truncated_parquet_shard_is_an_error_naming_the_fix(pipe, tmp_path, ca
     _nothing_complete(tmp_path / "codes")
 
 
+def test_a_finished_shard_truncated_before_a_resume_is_extracted_again(pipe, tmp_path, monkeypatch, caplog):
+    import pipeline.shards as shards
+
+    out = tmp_path / "extract"
+    real = shards.pq.write_table
+    calls = []
+
+    def crash_on_second(table, where, **kw):
+        calls.append(where)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(shards.pq, "write_table", crash_on_second)
+    with pytest.raises(RuntimeError):
+        cli(pipe["extract_cmd"] + ["--out", out])
+    monkeypatch.setattr(shards.pq, "write_table", real)
+    first = out / "shard-00000.parquet"
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])  # the disk lost its end
+    with caplog.at_level(logging.WARNING):
+        assert cli(pipe["extract_cmd"] + ["--out", out]) == 0
+    assert "shard-00000.parquet is damaged" in caplog.text
+    assert_parquet_equal(out, pipe["extract"])
+
+
 def test_a_truncated_hdf5_codes_file_is_an_error(pipe, tmp_path, capsys):
     codes = tmp_path / "codes"
     shutil.copytree(pipe["codes"], codes)
