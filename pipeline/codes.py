@@ -109,6 +109,17 @@ def write_part(
             os.fsync(f.id.get_vfd_handle())  # a part may be the only copy once its hidden states are deleted
 
 
+def part_rows(path: Path) -> int | None:
+    """Tokens in a part file that opens and reads back, else None: a resume redoes a damaged part."""
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f["tokens"].shape[0])
+    except (OSError, KeyError) as e:
+        if Path(path).exists():
+            log.warning("%s is damaged (%s); it will be made again", path, e)
+        return None
+
+
 def read_part_attrs(path: Path) -> dict:
     with h5py.File(path, "r") as f:
         return dict(f.attrs)

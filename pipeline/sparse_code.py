@@ -29,7 +29,7 @@ from mlsm.errors import MLSMError
 from mlsm.manifest import (
     MANIFEST, PROGRESS, atomic_path, new_manifest, read_manifest, sha256_file, sha256_json, write_json_atomic,
 )
-from pipeline.codes import dense_to_csr, merge_parts, top_k_codes, write_part
+from pipeline.codes import dense_to_csr, merge_parts, part_rows, top_k_codes, write_part
 from pipeline.shards import iter_shard_batches, read_rows
 from pipeline.workers import Worker, finish, merge_lock, prepare_shared_stage, read_records, resolve_worker
 
@@ -71,9 +71,12 @@ def sample_vectors(extract_dir: Path, shards: list[dict], layer: int, n: int, se
 def _load_dictionary(path: Path, dict_key: str):
     """(D, stats) if path holds the dictionary these parameters ask for, else None."""
     if path.exists():
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("params_key") == dict_key:
-                return torch.from_numpy(f["D"][:]), json.loads(f.attrs["stats"])
+        try:
+            with h5py.File(path, "r") as f:
+                if f.attrs.get("params_key") == dict_key:
+                    return torch.from_numpy(f["D"][:]), json.loads(f.attrs["stats"])
+        except (OSError, KeyError) as e:  # damaged on disk: learnt again
+            log.warning("%s is damaged (%s); the dictionary will be learnt again", path, e)
     return None
 
 
@@ -242,7 +245,7 @@ def _run_sparse_code(worker, extract_dir, out_dir, layer, K, lam, tol, dict_samp
     coded = 0
     for i, shard in mine:
         part = parts_dir / f"part-{i:05d}.h5"
-        if not part.exists():
+        if part_rows(part) != shard["tokens"]:  # missing, or damaged on disk
             if not (extract_dir / shard["file"]).exists():
                 raise MLSMError(f"{extract_dir / shard['file']} is missing and its codes were never written; "
                                 f"re-extract with `mlsm extract --force`.")
@@ -281,7 +284,7 @@ def merge_codes(extract_dir: Path, out_dir: Path) -> dict | None:
         progress_doc = json.loads((out_dir / PROGRESS).read_text())
         p = progress_doc["params"]
         parts = [out_dir / "parts" / f"part-{i:05d}.h5" for i in range(len(man["shards"]))]
-        n_missing = sum(not q.exists() for q in parts)
+        n_missing = sum(part_rows(q) != s["tokens"] for q, s in zip(parts, man["shards"]))
         if n_missing:
             log.info("sparse-code: %d of %d parts are done; the worker that codes the last one merges them",
                      len(parts) - n_missing, len(parts))

@@ -247,6 +247,28 @@ def test_a_finished_shard_truncated_before_a_resume_is_extracted_again(pipe, tmp
     assert_parquet_equal(out, pipe["extract"])
 
 
+def test_a_part_and_dictionary_truncated_before_a_resume_are_made_again(pipe, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "codes"
+    real = h5py.Group.create_dataset
+
+    def crash_on_second_part(self, name, *a, **k):
+        if "part-00001" in self.file.filename:
+            raise RuntimeError("killed")
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", crash_on_second_part)
+    cmd = pipe["code_cmd"] + ["--out", out, "--layer", "2"]
+    with pytest.raises(RuntimeError):
+        cli(cmd)
+    monkeypatch.setattr(h5py.Group, "create_dataset", real)
+    for f in (out / "parts" / "part-00000.h5", out / "dictionary.h5"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING):
+        assert cli(cmd) == 0
+    assert "part-00000.h5 is damaged" in caplog.text and "dictionary will be learnt again" in caplog.text
+    assert_h5_equal(out / "codes.h5", pipe["codes"] / "codes.h5")
+
+
 def test_a_truncated_hdf5_codes_file_is_an_error(pipe, tmp_path, capsys):
     codes = tmp_path / "codes"
     shutil.copytree(pipe["codes"], codes)
