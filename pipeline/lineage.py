@@ -22,7 +22,7 @@ def _rebuild(folder: Path, man: dict) -> str:
     p = man.get("params", {})
     opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (("layer", p.get("layer")), ("K", p.get("K")))
                     if v is not None).replace("--K", "-k")
-    return f"mlsm sparse-code --extract-dir <extract folder> --out {folder} {opts} --force"
+    return f"mlsm sparse-code --extract-dir {man.get('extract_dir', '<extract folder>')} --out {folder} {opts} --force"
 
 
 def check_dictionary(path: Path, d: int | None = None, K: int | None = None, fingerprint: str | None = None,

@@ -216,6 +216,7 @@ def _run_sparse_code(worker, extract_dir, out_dir, layer, K, lam, tol, dict_samp
         return old
     dev = pick_device(device)
     progress_doc = new_manifest("sparse-code", params, inputs)
+    progress_doc["extract_dir"] = str(extract_dir)  # for the rebuild command in error messages
     write_json_atomic(out_dir / PROGRESS, progress_doc)
 
     t0 = time.time()

@@ -50,7 +50,8 @@ def test_pretrain_refuses_codes_of_another_layer_than_the_manifest(pipe, capsys,
     shutil.copyfile(other / "codes.h5", mixed / "codes.h5")  # ... the codes are of layer 1
     assert _pretrain(mixed / "codes.h5", tmp_path / "run") == 2
     err = _err(capsys)
-    assert "built with layer 1" in err and "says layer 2" in err and "mlsm sparse-code" in err
+    assert "built with layer 1" in err and "says layer 2" in err
+    assert f"mlsm sparse-code --extract-dir {pipe['extract']} --out {mixed} --layer 2 -k 16 --force" in err
     assert not (tmp_path / "run" / "step-0000001").exists()
 
 
