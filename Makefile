@@ -159,6 +159,13 @@ bench-memory: setup $(CORPUS_DEP)
 	$(BIN)/python bench/stage_memory.py --corpus "$(CORPUS)" --tokens $(MEMORY_TOKENS) --layer $(LAYER) -k $(K) \
 	    --device $(DEVICE) --out runs/bench-memory
 
+# MLSM vs MLM vs MLSM+MLM at equal budget, fine-tuned at 25/50/100% (docs/evaluation.md):
+#   COMPARE_SIZE=cpu (~1 h, 2 cores; results/compare.{md,png,json}), smoke (minutes), gpu (bench/compare-gpu.sh)
+COMPARE_SIZE ?= cpu
+.PHONY: compare
+compare: $(VENV)/.plot-done $(CORPUS_DEP) eval-data
+	$(BIN)/python bench/compare.py --size $(COMPARE_SIZE)
+
 clean-hidden:
 	rm -f $(EXTRACT_DIR)/shard-*.parquet
 

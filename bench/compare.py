@@ -1,0 +1,288 @@
+"""MLSM vs MLM at equal pre-training budget: pre-train, fine-tune every milestone, table + plot.
+
+    python bench/compare.py --size cpu      # ~1 h on 2 CPU cores (make compare)
+    python bench/compare.py --size gpu      # BERT-mini, a few thousand steps (make compare COMPARE_SIZE=gpu)
+    python bench/compare.py --size smoke    # minutes: proves the pipeline end to end, numbers mean nothing
+
+Steps (each skips what an earlier invocation finished, so an interrupted compare resumes):
+1. extract the auxiliary model's hidden states of the pre-training corpus, all layers in one pass;
+2. `mlsm layer-report` on them (the cheap per-layer measures);
+3. sparse-code each layer;
+4. pre-train the students with the same budget (steps x batch) on the same token stream:
+   MLM, MLSM, MLSM+MLM (w=1) from the main layer, and MLSM from each variant layer;
+5. fine-tune each checkpoint at 25/50/100% (variants and the random-init baseline: 100% only) on
+   each task, several seeds;
+6. write <out>/compare[-size].md, .json and .png.
+The pre-training corpus defaults to the SOTU speeches only, so no evaluation text (BBC, WordNet
+glosses, Brown) is in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mlsm.errors import MLSMError  # noqa: E402
+
+log = logging.getLogger("compare")
+
+FRACTIONS = (0.25, 0.5, 1.0)
+SIZES = {
+    # Numbers mean nothing at this size: it only proves every stage runs and the outputs are written.
+    "smoke": dict(tokens=20_000, layers=[3, 6], main_layer=6, K=200, dict_samples=15_000, dict_heldout=2_000, model="tiny", steps=40,
+                  batch=16, lr=2e-3, ft_seeds=1, ft_epochs=1, ft_lr=1e-4, ft_batch=32, max_train=200, max_eval=200,
+                  report_samples=4_000, report_heldout=1_000, report_K=100, device="cpu"),
+    # About an hour on 2 CPU cores (estimate from the smoke run's stage timings; see docs/evaluation.md).
+    "cpu": dict(tokens=200_000, layers=[3, 6], main_layer=6, K=1000, dict_samples=100_000, dict_heldout=10_000,
+                model="tiny", steps=500, batch=32, lr=2e-3, ft_seeds=3, ft_epochs=3, ft_lr=1e-4, ft_batch=32,
+                max_train=1000, max_eval=500, report_samples=20_000, report_heldout=5_000, report_K=500, device="cpu"),
+    # One GPU: BERT-mini, 4000 steps of 128 sequences over the whole SOTU corpus, the paper's K.
+    "gpu": dict(tokens=None, layers=[2, 4, 6], main_layer=6, K=3000, dict_samples=1_000_000, dict_heldout=20_000,
+                model="mini", steps=4000, batch=128, lr=1e-3, ft_seeds=3, ft_epochs=3, ft_lr=1e-4, ft_batch=32, max_train=None,
+                max_eval=None, report_samples=50_000, report_heldout=10_000, report_K=1000, device="cuda"),
+}
+
+
+def mlsm_cmd(*args: str) -> None:
+    """Run one `mlsm` stage as the user would (its own process: stages are resumable and skip finished work)."""
+    cmd = [sys.executable, "-m", "mlsm.cli", *map(str, args)]
+    log.info("$ mlsm %s", " ".join(map(str, args)))
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT)
+    if r.returncode != 0:
+        raise MLSMError(f"`mlsm {' '.join(map(str, args))}` failed (exit {r.returncode}); see its output above.")
+    log.info("  done in %.0fs", time.time() - t0)
+
+
+def milestone_dirs(run: Path, steps: int, fractions) -> dict[float, Path]:
+    out = {}
+    for f in fractions:
+        step = max(1, int(round(steps * f)))
+        d = run / f"step-{step:07d}"
+        if not d.is_dir():
+            raise MLSMError(f"{d} is missing: the pre-training run did not write its {int(f * 100)}% milestone.")
+        out[f] = d
+    return out
+
+
+def random_init_dir(work: Path, like: Path, model: str, seed: int) -> Path:
+    """A never-trained student of the same size and tokenizer: the floor every objective must beat."""
+    import torch
+
+    from trainer.checkpoint import save_model_dir
+    from trainer.model import BertConfig, Student
+
+    out = work / "runs" / "random-init" / "step-0000000"
+    if (out / "model.safetensors").is_file():
+        return out
+    cfg = BertConfig.from_hf(json.loads((like / "config.json").read_text()))
+    torch.manual_seed(seed)
+    student = Student(cfg, num_atoms=None, mlm=True)
+    save_model_dir(out, cfg, student.encoder_state_dict(), like,
+                   extra_json={"mlsm": {"objective": "none", "step": 0, "preset": model}})
+    return out
+
+
+def finetune_cached(model_dir: Path, task: Path, out: Path, p: dict) -> dict:
+    from trainer.finetune import FinetuneConfig, run_finetune
+
+    path = out / "results.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    cfg = FinetuneConfig(model=str(model_dir), task=task, out_dir=out, seeds=p["ft_seeds"], epochs=p["ft_epochs"],
+                         lr=p["ft_lr"], batch=p["ft_batch"], max_train=p["max_train"], max_eval=p["max_eval"],
+                         device=p["device"], progress=False)
+    return run_finetune(cfg)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _score(res: dict, metric: str) -> tuple[float, float]:
+    split = "test" if "test" in res["summary"] else "dev"
+    s = res["summary"][split][metric]
+    return s["mean"], s["std"]
+
+
+def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, out: Path, timings: dict) -> None:
+    from pipeline.layer_report import markdown as layer_md
+
+    tasks = sorted({r["task"] for r in rows})
+    lines = [f"# MLSM vs MLM at equal pre-training budget ({size} size)", "",
+             f"Student `{p['model']}`, {p['steps']} steps x {p['batch']} sequences, lr {p['lr']}, corpus "
+             f"`{p['corpus']}` ({'all' if p['tokens'] is None else p['tokens']} tokens); targets from "
+             f"MiniLM layer {p['main_layer']} with K={p['K']}. Fine-tuning: {p['ft_seeds']} seeds, {p['ft_epochs']} "
+             f"epochs, lr {p['ft_lr']}, batch {p['ft_batch']}, at most {p['max_train']} training and "
+             f"{p['max_eval']} test examples per task. Cells: test accuracy / macro-F1 in %, mean ± std over seeds.",
+             "", "| run | objective | step | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
+    by_key: dict[tuple, dict] = {}
+    for r in rows:
+        by_key.setdefault((r["run"], r["step"]), {})[r["task"]] = r
+    for (run, step), cells in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        obj = next(iter(cells.values()))["objective"]
+        vals = []
+        for t in tasks:
+            if t in cells:
+                (a, sa), (f, sf) = _score(cells[t]["result"], "accuracy"), _score(cells[t]["result"], "macro_f1")
+                vals.append(f"{100 * a:.1f} ± {100 * sa:.1f} / {100 * f:.1f} ± {100 * sf:.1f}")
+            else:
+                vals.append("–")
+        lines.append(f"| {run} | {obj} | {step} | " + " | ".join(vals) + " |")
+    if layer_rep is not None:
+        lines += ["", "## Layer report (auxiliary model)", "", layer_md(layer_rep)]
+    lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    suffix = "" if size == "cpu" else f"-{size}"
+    (out / f"compare{suffix}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / f"compare{suffix}.json").write_text(json.dumps(
+        {"size": size, "params": p, "rows": [{k: v for k, v in r.items() if k != "result"} | {
+            "summary": r["result"]["summary"], "seeds": r["result"]["seeds"]} for r in rows],
+         "layer_report": layer_rep, "timings_s": timings}, indent=2, default=str), encoding="utf-8")
+    plot(rows, tasks, out / f"compare{suffix}.png", size)
+
+
+def plot(rows: list[dict], tasks: list[str], path: Path, size: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        runs = sorted({r["run"] for r in rows if r["task"] == task})
+        for run in runs:
+            pts = sorted((r["step"], *_score(r["result"], "accuracy")) for r in rows if r["task"] == task and r["run"] == run)
+            xs, ys, es = zip(*pts)
+            style = dict(marker="o", capsize=3) if len(xs) > 1 else dict(marker="s", linestyle="none", capsize=3)
+            ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], label=run, **style)
+        ax.set_title(task)
+        ax.set_xlabel("pre-training steps")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Fine-tuning score vs pre-training steps ({size} size; bars: std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    ap.add_argument("--corpus", default="data/corpus/sotu.txt", help="Pre-training text (keep evaluation text out).")
+    ap.add_argument("--eval-dir", type=Path, default=Path("data/eval"), help="Output of `make eval-data`.")
+    ap.add_argument("--tasks", default="bbc,supersense,pos")
+    ap.add_argument("--work", type=Path, default=None, help="Intermediate files (default data/compare-<size>).")
+    ap.add_argument("--out", type=Path, default=Path("results"))
+    ap.add_argument("--device", default=None, help="Override the size's device (cpu, cuda).")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        run(args)
+    except MLSMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args) -> None:
+    try:
+        import matplotlib  # noqa: F401  (checked first: failing after an hour of training would be cruel)
+    except ImportError as e:
+        raise MLSMError("the compare plot needs matplotlib: pip install -e '.[plot]' (make compare does it).") from e
+    p = dict(SIZES[args.size], corpus=args.corpus)
+    if args.device:
+        p["device"] = args.device
+    os.chdir(ROOT)
+    work = args.work or Path(f"data/compare-{args.size}")
+    tasks = [args.eval_dir / t for t in args.tasks.split(",") if t]
+    for t in tasks:
+        if not (t / "task.json").is_file() and not any(t.glob("train.*")):
+            raise MLSMError(f"task {t} not found; run `make eval-data` first (or pass --eval-dir/--tasks).")
+    if not Path(args.corpus).exists():
+        raise MLSMError(f"corpus {args.corpus} not found; run `make corpus` first (or pass --corpus).")
+    args.out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    progress = ["--no-progress"]
+    layers = sorted(set(p["layers"]) | {p["main_layer"]})
+
+    t0 = time.time()
+    ex = work / "extract"
+    mlsm_cmd("extract", "--corpus", args.corpus, "--out", ex, "--layers", ",".join(map(str, layers)),
+             "--max-tokens", "all" if p["tokens"] is None else p["tokens"], "--device", p["device"], *progress)
+    timings["extract"] = time.time() - t0
+
+    t0 = time.time()
+    from pipeline.layer_report import layer_report
+
+    rep_path = work / "layer-report" / "layer_report.json"
+    if rep_path.is_file():
+        layer_rep = json.loads(rep_path.read_text())
+    else:
+        layer_rep = layer_report(ex, work / "layer-report", K=p["report_K"], samples=p["report_samples"],
+                                 heldout=p["report_heldout"], seed=args.seed, device=p["device"], progress=False)
+    timings["layer-report"] = time.time() - t0
+
+    t0 = time.time()
+    codes = {}
+    for layer in layers:
+        codes[layer] = work / f"codes-L{layer}"
+        mlsm_cmd("sparse-code", "--extract-dir", ex, "--out", codes[layer], "--layer", layer, "-k", p["K"],
+                 "--dict-samples", p["dict_samples"], "--heldout", p["dict_heldout"], "--seed", args.seed, "--device", p["device"], *progress)
+    timings["sparse-code"] = time.time() - t0
+
+    t0 = time.time()
+    L = p["main_layer"]
+    runs = {  # name: (objective, mlm weight, layer, fractions to fine-tune)
+        "mlm": ("mlm", 0.0, L, FRACTIONS),
+        f"mlsm-L{L}": ("mlsm", 0.0, L, FRACTIONS),
+        f"mlsm+mlm-L{L}": ("mlsm", 1.0, L, FRACTIONS),
+    }
+    for layer in layers:
+        if layer != L:
+            runs[f"mlsm-L{layer}"] = ("mlsm", 0.0, layer, (1.0,))
+    run_dirs = {}
+    for name, (objective, w, layer, _) in runs.items():
+        run_dirs[name] = work / "runs" / name
+        mlsm_cmd("pretrain", "--data", codes[layer] / "codes.h5", "--out", run_dirs[name], "--objective", objective,
+                 "--mlm-weight", w, "--model", p["model"], "--steps", p["steps"], "--batch-size", p["batch"],
+                 "--lr", p["lr"], "--seed", args.seed, "--device", p["device"], "--milestones", "--log-every", 50,
+                 *progress)
+    timings["pretrain"] = time.time() - t0
+
+    t0 = time.time()
+    checkpoints = []  # (run, objective label, step, dir)
+    for name, (objective, w, layer, fractions) in runs.items():
+        label = "MLM" if objective == "mlm" else ("MLSM+MLM" if w > 0 else "MLSM") + f" (L{layer})"
+        for f, d in milestone_dirs(run_dirs[name], p["steps"], fractions).items():
+            checkpoints.append((name, label, int(d.name.split("-")[1]), d))
+    first = checkpoints[0][3]
+    checkpoints.append(("random-init", "none", 0, random_init_dir(work, first, p["model"], args.seed)))
+    rows = []
+    for name, label, step, d in checkpoints:
+        for task in tasks:
+            log.info("fine-tune %s step %d on %s", name, step, task.name)
+            res = finetune_cached(d, task, work / "finetune" / name / d.name / task.name, p)
+            rows.append({"run": name, "objective": label, "step": step, "task": task.name, "result": res})
+    timings["finetune"] = time.time() - t0
+
+    write_report(rows, layer_rep, p, args.size, args.out, timings)
+    suffix = "" if args.size == "cpu" else f"-{args.size}"
+    log.info("wrote %s/compare%s.md, .json and .png", args.out, suffix)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
