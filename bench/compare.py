@@ -96,8 +96,13 @@ def finetune_cached(model_dir: Path, task: Path, out: Path, p: dict) -> dict:
     from trainer.finetune import FinetuneConfig, run_finetune
 
     path = out / "results.json"
+    want = dict(seeds=p["ft_seeds"], epochs=p["ft_epochs"], lr=p["ft_lr"], batch=p["ft_batch"],
+                max_train=p["max_train"], max_eval=p["max_eval"])
     if path.is_file():
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if all(cached["config"].get(k) == v for k, v in want.items()):
+            return cached
+        log.info("%s was fine-tuned with other settings; redoing it", out)
     cfg = FinetuneConfig(model=str(model_dir), task=task, out_dir=out, seeds=p["ft_seeds"], epochs=p["ft_epochs"],
                          lr=p["ft_lr"], batch=p["ft_batch"], max_train=p["max_train"], max_eval=p["max_eval"],
                          device=p["device"], progress=False)
