@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from mlsm.cli import cli
 from mlsm.errors import MLSMError
+from tests.test_train import one_thread  # noqa: F401  (autouse: tiny models on one thread)
 from trainer.checkpoint import save_model_dir
 from trainer.export import export_model
 from trainer.finetune import FinetuneConfig, load_task, markdown_table, read_classification, run_finetune
@@ -21,14 +22,6 @@ N_WORDS = 45  # words w0..w44 in 5 topics of 9
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SMALL = dict(vocab_size=len(SPECIALS) + N_WORDS, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
              intermediate_size=64, max_position_embeddings=64)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _tokenizer_dir(folder):
