@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _TINY = 1e-12
 _STATS: dict = {}  # counters for benchmarking (bpp iterations, fallback rows)
+_MIN_WORKER_ROWS = 128  # below this a chunk's fixed per-round cost outweighs a second thread
 
 
 @dataclass
@@ -362,6 +364,7 @@ def nn_lasso(
     chunk_size: int = 2048,
     cert_dtype: torch.dtype | None = None,
     progress: bool = False,
+    workers: int | None = None,
 ) -> LassoResult:
     """Solve the non-negative lasso for every row of X to a certified relative duality gap `tol`.
 
@@ -370,6 +373,10 @@ def nn_lasso(
     fallback_steps: FISTA step budget for rows still open after max_iter rounds (0: none; their
     rel_gap then says how far they are). cert_dtype: dtype of the certificate (default float32;
     torch.float64 removes float32 rounding from it). Runs on the device of D.
+    workers: CPU only; chunks are solved by this many threads, each running torch single-threaded
+    (default: torch.get_num_threads()). The per-round work is many small ops (gathers, batched
+    Cholesky of ~60x60) that intra-op threading splits badly, so whole chunks per core scale better.
+    A row's result does not depend on which chunk or thread solved it (up to float rounding).
     """
     if lam < 0 or not tol > 0:
         raise ValueError(f"nn_lasso: need lam >= 0 and tol > 0, got lam={lam}, tol={tol}")
@@ -389,14 +396,38 @@ def nn_lasso(
             lip.append(lipschitz(D))
         return lip[0]
 
-    out_codes, out_p, out_r, n_iter = [], [], [], 0
+    if workers is None:
+        workers = torch.get_num_threads() if D.device.type == "cpu" else 1
+    workers = max(1, min(int(workers), math.ceil(B / _MIN_WORKER_ROWS)))
+    if workers > 1:  # every thread gets work: chunks no larger than an even share
+        chunk_size = min(chunk_size, math.ceil(B / workers))
+
+    def solve(s: int):
+        return _solve_chunk(X[s:s + chunk_size], D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter,
+                            fallback_steps, L, cert_dtype, _STATS)
+
     starts = range(0, B, chunk_size)
-    for s in tqdm(starts, desc="nn_lasso", disable=not progress or len(starts) < 2, unit="chunk"):
-        Xc = X[s:s + chunk_size]
-        a, p, r, it = _solve_chunk(Xc, D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter,
-                                   fallback_steps, L, cert_dtype, _STATS)
-        out_codes.append(a), out_p.append(p), out_r.append(r)
-        n_iter = max(n_iter, it)
+    bar = tqdm(total=len(starts), desc="nn_lasso", disable=not progress or len(starts) < 2, unit="chunk")
+    if workers > 1 and len(starts) > 1:
+        outer = torch.get_num_threads()
+        try:
+            with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                results = []
+                for res in pool.map(solve, starts):
+                    results.append(res)
+                    bar.update()
+        finally:
+            torch.set_num_threads(outer)
+    else:
+        results = []
+        for s in starts:
+            results.append(solve(s))
+            bar.update()
+    bar.close()
+    out_codes = [r[0] for r in results]
+    out_p = [r[1] for r in results]
+    out_r = [r[2] for r in results]
+    n_iter = max((r[3] for r in results), default=0)
     if B == 0:
         z = torch.zeros(0, device=D.device)
         return LassoResult(torch.zeros(0, K, device=D.device), z, z, 0)

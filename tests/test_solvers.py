@@ -208,3 +208,14 @@ def test_sparse_code_stage_refuses_a_dictionary_of_another_d(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: " in err and "64 x 16 dictionary" in err and "d=32" in err and "--force" in err
     assert not (out / "codes.h5").exists()
+
+
+def test_worker_threads_give_the_single_thread_result_and_restore_threads():
+    X, D = _problem(d=24, K=120, B=600, nnz=10, seed=14)
+    before = torch.get_num_threads()
+    one = nn_lasso(X.float(), D.float(), LAM, tol=1e-5, ws_size=4, ws_grow=3, workers=1)
+    two = nn_lasso(X.float(), D.float(), LAM, tol=1e-5, ws_size=4, ws_grow=3, workers=2, chunk_size=100)
+    assert torch.get_num_threads() == before
+    assert (two.rel_gap <= 1e-5).all() and (two.codes >= 0).all()
+    torch.testing.assert_close(two.codes, one.codes, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(two.primal, one.primal, atol=1e-6, rtol=1e-5)
