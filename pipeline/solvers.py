@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 _TINY = 1e-12
 _STATS: dict = {}  # counters for benchmarking (bpp iterations, fallback rows)
-_MIN_WORKER_ROWS = 128  # below this a chunk's fixed per-round cost outweighs a second thread
 
 
 @dataclass
@@ -361,7 +360,7 @@ def nn_lasso(
     ws_grow: int = 16,
     bpp_iter: int = 60,
     fallback_steps: int = 5000,
-    chunk_size: int = 2048,
+    chunk_size: int = 512,
     cert_dtype: torch.dtype | None = None,
     progress: bool = False,
     workers: int | None = None,
@@ -376,7 +375,7 @@ def nn_lasso(
     workers: CPU only; chunks are solved by this many threads, each running torch single-threaded
     (default: torch.get_num_threads()). The per-round work is many small ops (gathers, batched
     Cholesky of ~60x60) that intra-op threading splits badly, so whole chunks per core scale better.
-    A row's result does not depend on which chunk or thread solved it (up to float rounding).
+    Chunks of `chunk_size` rows (512: the round's working arrays stay in cache) are the unit of work.
     """
     if lam < 0 or not tol > 0:
         raise ValueError(f"nn_lasso: need lam >= 0 and tol > 0, got lam={lam}, tol={tol}")
@@ -398,9 +397,8 @@ def nn_lasso(
 
     if workers is None:
         workers = torch.get_num_threads() if D.device.type == "cpu" else 1
-    workers = max(1, min(int(workers), math.ceil(B / _MIN_WORKER_ROWS)))
-    if workers > 1:  # every thread gets work: chunks no larger than an even share
-        chunk_size = min(chunk_size, math.ceil(B / workers))
+    # Chunks never depend on `workers` or the thread count, so neither changes a single bit of the result.
+    workers = max(1, min(int(workers), math.ceil(B / chunk_size)))
 
     def solve(s: int):
         return _solve_chunk(X[s:s + chunk_size], D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter,

@@ -219,3 +219,6 @@ def test_worker_threads_give_the_single_thread_result_and_restore_threads():
     assert (two.rel_gap <= 1e-5).all() and (two.codes >= 0).all()
     torch.testing.assert_close(two.codes, one.codes, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(two.primal, one.primal, atol=1e-6, rtol=1e-5)
+    # the chunks, not the threads, decide the arithmetic: same chunks, same bits (resumed runs rely on it)
+    one_same_chunks = nn_lasso(X.float(), D.float(), LAM, tol=1e-5, ws_size=4, ws_grow=3, workers=1, chunk_size=100)
+    assert torch.equal(two.codes, one_same_chunks.codes)
