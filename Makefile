@@ -140,8 +140,8 @@ plot: $(VENV)/.plot-done
 .PHONY: bench-train
 BENCH_MODEL ?= mini
 bench-train: setup $(CORPUS_DEP)
-	$(BIN)/python bench/train_throughput.py --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE)) \
-	    --model $(BENCH_MODEL) --corpus "$(CORPUS)" --layer $(LAYER)
+	$(BIN)/python bench/train_throughput.py --device $(DEVICE) --model $(BENCH_MODEL) --corpus "$(CORPUS)" \
+	    --layer $(LAYER)
 
 # Extract vs the auxiliary forward alone, bytes/token of hidden states and codes, top-k KL table
 # (bench/extract_throughput.py; last line JSON). BENCH_CODES=data/codes/codes.h5 reuses real codes.
