@@ -137,3 +137,20 @@ def test_bad_corpus_specs_are_clear_errors(tmp_path, capsys):
         assert run("extract", "--corpus", spec, "--out", str(tmp_path / "x"), "--layers", "6") == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and "Traceback" not in err
+
+
+def test_top_k_float16_codes_are_the_full_codes_truncated(coded, extracted, workdir):
+    assert run("sparse-code", "--extract-dir", str(extracted), "--out", str(workdir / "codes-top4"), "--layer", "6",
+               "-k", "48", "--dict-samples", "2000", "--heldout", "200", "--top-k", "4", "--values-dtype", "float16",
+               "--no-progress") == 0
+    with h5py.File(coded / "codes.h5") as full, h5py.File(workdir / "codes-top4" / "codes.h5") as top:
+        assert top["codes/values"].dtype == np.float16 and top.attrs["top_k"] == 4
+        assert top.attrs["dictionary_fingerprint"] == full.attrs["dictionary_fingerprint"]
+        fp, fi, fv = full["codes/indptr"][:], full["codes/indices"][:], full["codes/values"][:]
+        tp, ti, tv = top["codes/indptr"][:], top["codes/indices"][:], top["codes/values"][:]
+    assert (np.diff(tp) == np.minimum(np.diff(fp), 4)).all()
+    for r in range(0, len(fp) - 1, 7):
+        idx, val = fi[fp[r]:fp[r + 1]], fv[fp[r]:fp[r + 1]]
+        keep = np.sort(idx[np.argsort(-val, kind="stable")[:4]])
+        np.testing.assert_array_equal(ti[tp[r]:tp[r + 1]], keep)
+        np.testing.assert_array_equal(tv[tp[r]:tp[r + 1]], val[np.isin(idx, keep)].astype(np.float16))
