@@ -312,7 +312,7 @@ def eval_data(pip_root, npm_root, out, tasks, seed, force):
 @click.option("--warmup", default=0.1, help="Fraction of steps of linear warm-up, then linear decay.")
 @click.option("--max-len", default=128, help="Tokens per example, [CLS]/[SEP] included (longer ones are cut).")
 @click.option("--max-train", type=int, default=None, help="Seeded subsample of the training set (quick runs).")
-@click.option("--max-eval", type=int, default=None, help="Score only the first N dev/test examples.")
+@click.option("--max-eval", type=int, default=None, help="Score a seeded subsample of N dev and N test examples.")
 @click.option("--text-cols", default=None, help="Text column(s) by name or 0-based index, e.g. sentence1,sentence2.")
 @click.option("--label-col", default=None, help="Label column by name or 0-based index.")
 @DEVICE

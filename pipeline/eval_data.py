@@ -6,7 +6,8 @@ Three tasks, each written under data/eval/<task>/ with a task.json describing it
               CoNLL `token<TAB>tag`; only the target word is tagged, every other token has `_`
               (no label: left out of the loss and of the scores);
 - pos:        Brown POS tags mapped to the 12 universal tags, CoNLL.
-Splits are drawn over whole units (article, synset, Brown file) so no unit straddles two splits.
+Splits are drawn over whole units (article, synset, Brown file) so no unit straddles two splits;
+within a split the rows are shuffled (seeded), so the first N rows are a fair sample.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def _package(root: Path, *parts: str) -> Path:
     return path
 
 
+def _shuffled(items: list, seed: int, split: str) -> list:
+    """Items in a seeded order, so that any prefix of a split file is a fair sample of it."""
+    order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(items))
+    return [items[i] for i in order]
+
+
 def _split_units(units: list, seed: int) -> dict[str, list]:
     """A seeded 80/10/10 partition of `units` (sorted first, so the result depends only on the seed)."""
     units = sorted(units)
@@ -158,7 +165,7 @@ def build_bbc(pip_root: Path, out: Path, seed: int) -> dict:
     parts = _split_units(keys, seed)
     counts = {}
     for split, ks in parts.items():
-        rows = [docs[k] for k in ks]
+        rows = _shuffled([docs[k] for k in ks], seed, split)
         _write_tsv(out / f"{split}.tsv", rows)
         counts[split] = {"examples": len(rows), "labels": _label_counts(lab for lab, _ in rows)}
     return {"type": "sequence", "format": "tsv", "text_column": "text", "label_column": "label",
@@ -220,7 +227,7 @@ def build_supersense(npm_root: Path, out: Path, seed: int) -> dict:
     counts = {}
     for split, ids in parts.items():
         keep = set(ids)
-        sents = [s for sid, s in examples if sid in keep]
+        sents = _shuffled([s for sid, s in examples if sid in keep], seed, split)
         _write_conll(out / f"{split}.conll", sents)
         labels = [tag for s in sents for _, tag in s if tag != NO_LABEL]
         counts[split] = {"sentences": len(sents), "labeled_tokens": len(labels), "synsets": len(ids)}
@@ -256,7 +263,7 @@ def build_pos(npm_root: Path, out: Path, seed: int) -> dict:
     parts = _split_units(list(by_name), seed)
     counts = {}
     for split, names in parts.items():
-        sents = [s for n in names for s in brown_tagged_sentences(by_name[n])]
+        sents = _shuffled([s for n in names for s in brown_tagged_sentences(by_name[n])], seed, split)
         _write_conll(out / f"{split}.conll", sents)
         counts[split] = {"sentences": len(sents), "tokens": sum(map(len, sents)), "files": len(names),
                          "labels": _label_counts(t for s in sents for _, t in s)}

@@ -76,6 +76,8 @@ def test_build_writes_disjoint_seeded_splits(tmp_path):
     assert len(bodies) == 20 == len(set(bodies))  # 21 files, one duplicate dropped, no overlap
     assert all(line.count("\t") == 1 for line in bodies)
     assert specs["bbc"]["duplicates_dropped"] == 1
+    labels = [line.split("\t")[0] for line in rows["train"][1:]]
+    assert labels != sorted(labels)  # shuffled within the split: a prefix is a fair sample
 
     pos = (out / "pos" / "train.conll").read_text()
     assert "ca01" not in json.dumps(specs["pos"]) and specs["pos"]["splits"]["train"]["files"] == 7  # ca01 held out

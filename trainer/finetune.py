@@ -61,7 +61,7 @@ class FinetuneConfig:
     warmup: float = 0.1  # fraction of steps
     max_len: int = 128
     max_train: int | None = None  # seeded subsample of the training set (quick runs)
-    max_eval: int | None = None  # first N examples of dev/test
+    max_eval: int | None = None  # seeded subsample of dev and of test
     text_cols: tuple[str, ...] | None = None
     label_col: str | None = None
     device: str = "auto"
@@ -407,13 +407,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     tok = checkpoint.load_tokenizer(model_dir)
     tok.enable_truncation(max_length=cfg.max_len)
     pad_id = checkpoint.special_token_ids(tok)["pad"]
-    if cfg.max_train is not None and len(task.splits["train"]) > cfg.max_train:
-        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(task.splits["train"]), cfg.max_train, replace=False))
-        task.splits["train"] = [task.splits["train"][i] for i in keep]
-    if cfg.max_eval is not None:
-        for split in ("dev", "test"):
-            if split in task.splits:
-                task.splits[split] = task.splits[split][:cfg.max_eval]
+    # Seeded subsamples, never the first rows: files are often sorted by label or source.
+    for i, (split, cap) in enumerate((("train", cfg.max_train), ("dev", cfg.max_eval), ("test", cfg.max_eval))):
+        rows = task.splits.get(split)
+        if cap is not None and rows is not None and len(rows) > cap:
+            keep = np.sort(np.random.default_rng([cfg.seed, i]).choice(len(rows), cap, replace=False))
+            task.splits[split] = [rows[j] for j in keep]
     label_ids = {lab: i for i, lab in enumerate(task.labels)}
     encoded = {split: encode_split(task, split, tok, label_ids, cfg.max_len) for split in task.splits}
     log.info("finetune %s (%s, %d labels): %s examples; model %s", task.name, task.kind, len(task.labels),
