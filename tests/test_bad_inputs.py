@@ -222,23 +222,42 @@ def test_a_truncated_parquet_shard_is_an_error_naming_the_fix(pipe, tmp_path, ca
     _nothing_complete(tmp_path / "codes")
 
 
-def test_a_finished_shard_truncated_before_a_resume_is_extracted_again(pipe, tmp_path, monkeypatch, caplog):
+def _fail_second_shard(monkeypatch, error: Exception):
+    """The second Parquet shard write gets half-way to the disk, then fails; returns the undo."""
     import pipeline.shards as shards
 
-    out = tmp_path / "extract"
-    real = shards.pq.write_table
-    calls = []
+    real, calls = shards.pq.write_table, []
 
-    def crash_on_second(table, where, **kw):
+    def write_table(table, where, **kw):
         calls.append(where)
         if len(calls) == 2:
-            raise RuntimeError("killed")
+            real(table.slice(0, len(table) // 2), where, **kw)
+            raise error
         return real(table, where, **kw)
 
-    monkeypatch.setattr(shards.pq, "write_table", crash_on_second)
+    monkeypatch.setattr(shards.pq, "write_table", write_table)
+    return lambda: monkeypatch.setattr(shards.pq, "write_table", real)
+
+
+def _fail_second_part(monkeypatch, error: Exception):
+    """Writing codes part 1 fails; returns the undo."""
+    real = h5py.Group.create_dataset
+
+    def create_dataset(self, name, *a, **k):
+        if "part-00001" in self.file.filename:
+            raise error
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+    return lambda: monkeypatch.setattr(h5py.Group, "create_dataset", real)
+
+
+def test_a_finished_shard_truncated_before_a_resume_is_extracted_again(pipe, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "extract"
+    undo = _fail_second_shard(monkeypatch, RuntimeError("killed"))
     with pytest.raises(RuntimeError):
         cli(pipe["extract_cmd"] + ["--out", out])
-    monkeypatch.setattr(shards.pq, "write_table", real)
+    undo()
     first = out / "shard-00000.parquet"
     first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])  # the disk lost its end
     with caplog.at_level(logging.WARNING):
@@ -249,18 +268,11 @@ def test_a_finished_shard_truncated_before_a_resume_is_extracted_again(pipe, tmp
 
 def test_a_part_and_dictionary_truncated_before_a_resume_are_made_again(pipe, tmp_path, monkeypatch, caplog):
     out = tmp_path / "codes"
-    real = h5py.Group.create_dataset
-
-    def crash_on_second_part(self, name, *a, **k):
-        if "part-00001" in self.file.filename:
-            raise RuntimeError("killed")
-        return real(self, name, *a, **k)
-
-    monkeypatch.setattr(h5py.Group, "create_dataset", crash_on_second_part)
+    undo = _fail_second_part(monkeypatch, RuntimeError("killed"))
     cmd = pipe["code_cmd"] + ["--out", out, "--layer", "2"]
     with pytest.raises(RuntimeError):
         cli(cmd)
-    monkeypatch.setattr(h5py.Group, "create_dataset", real)
+    undo()
     for f in (out / "parts" / "part-00000.h5", out / "dictionary.h5"):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with caplog.at_level(logging.WARNING):
@@ -324,27 +336,15 @@ def test_an_aux_model_that_produces_nan_is_refused_by_extract(pipe, tmp_path, ca
 
 
 def test_disk_full_while_writing_a_shard(pipe, tmp_path, capsys, monkeypatch):
-    import pipeline.shards as shards
-
     out = tmp_path / "extract"
-    real = shards.pq.write_table
-    calls = []
-
-    def write_table(table, where, **kw):
-        calls.append(where)
-        if len(calls) == 2:  # the second shard: half of it reaches the disk, then the disk is full
-            real(table.slice(0, len(table) // 2), where, **kw)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(table, where, **kw)
-
-    monkeypatch.setattr(shards.pq, "write_table", write_table)
+    free_space = _fail_second_shard(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
     assert cli(pipe["extract_cmd"] + ["--out", out]) == 2
     err = _err(capsys)
     assert "no space left on the device" in err and "shard-00001.parquet" in err
     assert not list(out.rglob("*.tmp")) and not (out / "manifest.json").exists()
     assert (out / "shard-00000.parquet").exists()  # finished work is kept
     first = (out / "shard-00000.parquet").stat().st_mtime_ns
-    monkeypatch.setattr(shards.pq, "write_table", real)  # space freed: the rerun continues
+    free_space()  # the rerun continues
     assert cli(pipe["extract_cmd"] + ["--out", out]) == 0
     assert (out / "shard-00000.parquet").stat().st_mtime_ns == first
     assert_parquet_equal(out, pipe["extract"])
@@ -353,21 +353,14 @@ def test_disk_full_while_writing_a_shard(pipe, tmp_path, capsys, monkeypatch):
 
 def test_disk_full_while_writing_codes(pipe, tmp_path, capsys, monkeypatch):
     out = tmp_path / "codes"
-    real = h5py.Group.create_dataset
-
-    def create_dataset(self, name, *a, **k):
-        if "part-00001" in self.file.filename:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, name, *a, **k)
-
-    monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+    free_space = _fail_second_part(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
     cmd = pipe["code_cmd"] + ["--out", out, "--layer", "2"]
     assert cli(cmd) == 2
     err = _err(capsys)
     assert "no space left on the device" in err and "part-00001" in err
     assert not list(out.rglob("*.tmp")) and not (out / "manifest.json").exists() and not (out / "codes.h5").exists()
     assert (out / "dictionary.h5").exists() and (out / "parts" / "part-00000.h5").exists()  # kept
-    monkeypatch.setattr(h5py.Group, "create_dataset", real)
+    free_space()
     assert cli(cmd) == 0
     assert_h5_equal(out / "codes.h5", pipe["codes"] / "codes.h5")
     assert leftovers(out) == []
