@@ -357,10 +357,10 @@ def finetune(model, tasks, out, seeds, seed, epochs, lr, batch, weight_decay, wa
 def layer_report(extract_dir, out, layers, K, lam, samples, heldout, few, seed, device, no_progress):
     """Per extracted layer: held-out sparse-coding objective, nnz, atom-usage entropy, lexical atoms, aux FLOPs."""
     from pipeline.layer_report import layer_report as run, markdown
-    from trainer.train import _device
+    from mlsm.device import pick_device
 
     rep = run(extract_dir, out, layers=layers or None, K=K, lam=lam, samples=samples, heldout=heldout, few=few,
-              seed=seed, device=str(_device(device)), progress=not no_progress)
+              seed=seed, device=str(pick_device(device)), progress=not no_progress)
     click.echo(markdown(rep))
 
 

@@ -47,7 +47,8 @@ def normalize_rows(h: np.ndarray, device, eps: float = 1e-6) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
-def sample_vectors(extract_dir: Path, shards: list[dict], layer: int, n: int, seed: int) -> np.ndarray:
+def sample_vectors(extract_dir: Path, shards: list[dict], layer: int, n: int, seed: int,
+                   progress: bool = True) -> np.ndarray:
     """A seeded uniform sample of n token vectors, read shard by shard (only the rows needed)."""
     counts = np.array([s["tokens"] for s in shards])
     total = int(counts.sum())
@@ -56,7 +57,7 @@ def sample_vectors(extract_dir: Path, shards: list[dict], layer: int, n: int, se
     picked = np.sort(rng.choice(total, size=n, replace=False))
     starts = np.concatenate([[0], np.cumsum(counts)])
     out = []
-    for i, s in enumerate(tqdm(shards, desc="sample", unit="shard", leave=False)):
+    for i, s in enumerate(tqdm(shards, desc="sample", unit="shard", leave=False, disable=not progress)):
         rows = picked[(picked >= starts[i]) & (picked < starts[i + 1])] - starts[i]
         if len(rows):
             path = extract_dir / s["file"]
@@ -91,7 +92,7 @@ def _dictionary(extract_dir, out_dir, man, layer, K, lam, dict_samples, heldout,
     path.unlink(missing_ok=True)
     total = sum(s["tokens"] for s in man["shards"])
     n_held = min(heldout, total // 10)
-    raw = sample_vectors(extract_dir, man["shards"], layer, dict_samples + n_held, seed)
+    raw = sample_vectors(extract_dir, man["shards"], layer, dict_samples + n_held, seed, progress)
     x = normalize_rows(raw, "cpu").numpy()
     train, held = x[n_held:], x[:n_held]
     log.info("sparse-code: learning a %d x %d dictionary on %d vectors (%d held out)", x.shape[1], K, len(train), len(held))

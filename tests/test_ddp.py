@@ -49,8 +49,12 @@ def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
 def test_two_gloo_processes_match_one(tmp_path):
     data = make_dataset(tmp_path / "data", n_seq=120)
     one = tmp_path / "one"
-    torch.set_num_threads(1)
-    run_pretrain(_cfg(data, one))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun ranks do; restored so later tests keep their threads
+    try:
+        run_pretrain(_cfg(data, one))
+    finally:
+        torch.set_num_threads(threads)
 
     two = tmp_path / "two"
     proc = _torchrun(2, str(data), str(two), "2")  # 2 ranks x 2 micro-batches of 4 = the same 16 sequences

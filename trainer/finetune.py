@@ -28,11 +28,12 @@ from torch import nn
 from tqdm import tqdm
 
 from mlsm import __version__
+from mlsm.device import pick_device
 from mlsm.errors import MLSMError
 from mlsm.manifest import write_json_atomic
 from trainer import checkpoint
 from trainer.metrics import mean_std, scores
-from trainer.train import _device, _param_groups, lr_at
+from trainer.train import _param_groups, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +401,7 @@ def markdown_table(results: list[dict]) -> str:
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """All seeds on one task; writes results.json and results.md into out_dir (if given)."""
     _validate(cfg)
-    device = _device(cfg.device)
+    device = pick_device(cfg.device)
     model_dir = checkpoint.resolve_model_dir(cfg.model)
     cfg = dataclasses.replace(cfg, model=str(model_dir))
     task = load_task(cfg.task, cfg.text_cols, cfg.label_col)

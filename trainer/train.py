@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from mlsm import __version__
+from mlsm.device import pick_device
 from mlsm.errors import MLSMError
 from mlsm.manifest import atomic_path, write_json_atomic
 from pipeline.lineage import check_codes_file
@@ -112,15 +113,6 @@ def _validate(cfg: PretrainConfig) -> None:
         problems.append(f"max_bad_steps must be >= 1 (got {cfg.max_bad_steps})")
     if problems:
         raise MLSMError("invalid pretrain settings: " + "; ".join(problems) + ".")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MLSMError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto.")
-    return dev
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -379,7 +371,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         cfg, data=Path(cfg.data), out_dir=Path(cfg.out_dir),
         init_from=None if cfg.init_from is None else Path(cfg.init_from),
     )
-    device = _device(cfg.device)
+    device = pick_device(cfg.device)
     dist_info = distributed.init(device)
     try:
         device = distributed.device_for(dist_info, device)
