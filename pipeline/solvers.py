@@ -360,7 +360,7 @@ def nn_lasso(
     ws_grow: int = 16,
     bpp_iter: int = 60,
     fallback_steps: int = 5000,
-    chunk_size: int = 512,
+    chunk_size: int = 1024,
     cert_dtype: torch.dtype | None = None,
     progress: bool = False,
     workers: int | None = None,
@@ -375,7 +375,9 @@ def nn_lasso(
     workers: CPU only; chunks are solved by this many threads, each running torch single-threaded
     (default: torch.get_num_threads()). The per-round work is many small ops (gathers, batched
     Cholesky of ~60x60) that intra-op threading splits badly, so whole chunks per core scale better.
-    Chunks of `chunk_size` rows (512: the round's working arrays stay in cache) are the unit of work.
+    Chunks of `chunk_size` rows are the unit of work: 1024 halves the per-round Python/dispatch
+    overhead of 512 (~10% more vec/s on real states) and still gives a 2048-row batch (dictionary
+    learning) one chunk per core; larger chunks leave cores idle and spill the working arrays.
     """
     if lam < 0 or not tol > 0:
         raise ValueError(f"nn_lasso: need lam >= 0 and tol > 0, got lam={lam}, tol={tol}")
