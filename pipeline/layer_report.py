@@ -28,7 +28,7 @@ from mlsm.manifest import read_manifest, write_json_atomic
 from pipeline.dictionary import learn_dictionary
 from pipeline.shards import read_rows
 from pipeline.solvers import nn_lasso
-from pipeline.sparse_code import normalize_rows
+from pipeline.sparse_code import normalize_rows, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,6 @@ def aux_flops_per_token(config: dict, layer: int, seq_len: int) -> float:
     H, I = config["hidden_size"], config["intermediate_size"]
     per_block = 2 * (4 * H * H + 2 * H * I + 2 * seq_len * H)
     return float(layer * per_block)
-
-
-def sample_rows(shards: list[dict], n: int, seed: int) -> np.ndarray:
-    """Sorted global row numbers of a seeded uniform sample (the same rows for every layer)."""
-    total = int(sum(s["tokens"] for s in shards))
-    n = min(n, total)
-    return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
 
 
 def _read_sample(extract_dir: Path, shards: list[dict], rows: np.ndarray, layer: int | None) -> np.ndarray:
@@ -119,7 +112,7 @@ def layer_report(
         raise MLSMError(f"{extract_dir} has layers {have}, not {missing}; re-extract with `mlsm extract --layers "
                         f"{','.join(map(str, sorted(set(have) | set(layers))))}`.")
     shards = man["shards"]
-    rows = sample_rows(shards, samples + heldout, seed)
+    rows = sample_rows(shards, samples + heldout, np.random.default_rng(seed))  # the same rows for every layer
     if len(rows) < samples + heldout:
         log.warning("only %d tokens extracted; using them all (%d for held-out)", len(rows), min(heldout, len(rows) // 5))
         heldout = min(heldout, len(rows) // 5)

@@ -47,15 +47,18 @@ def normalize_rows(h: np.ndarray, device, eps: float = 1e-6) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
+def sample_rows(shards: list[dict], n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted global row numbers of a uniform sample of n tokens (all of them if fewer)."""
+    total = int(sum(s["tokens"] for s in shards))
+    return np.sort(rng.choice(total, size=min(n, total), replace=False))
+
+
 def sample_vectors(extract_dir: Path, shards: list[dict], layer: int, n: int, seed: int,
                    progress: bool = True) -> np.ndarray:
     """A seeded uniform sample of n token vectors, read shard by shard (only the rows needed)."""
-    counts = np.array([s["tokens"] for s in shards])
-    total = int(counts.sum())
-    n = min(n, total)
     rng = np.random.default_rng(seed)
-    picked = np.sort(rng.choice(total, size=n, replace=False))
-    starts = np.concatenate([[0], np.cumsum(counts)])
+    picked = sample_rows(shards, n, rng)
+    starts = np.concatenate([[0], np.cumsum([s["tokens"] for s in shards])])
     out = []
     for i, s in enumerate(tqdm(shards, desc="sample", unit="shard", leave=False, disable=not progress)):
         rows = picked[(picked >= starts[i]) & (picked < starts[i + 1])] - starts[i]
