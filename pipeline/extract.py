@@ -33,7 +33,7 @@ from mlsm.manifest import MANIFEST, PROGRESS, new_manifest, write_json_atomic
 from pipeline import corpus as corpus_mod
 from pipeline.sequences import limit_tokens, pack_documents
 from pipeline.shards import shard_name, shard_rows, write_shard
-from pipeline.workers import Worker, finish, merge_lock, prepare_shared_stage, read_records, resolve_worker
+from pipeline.workers import Worker, finish, merge_once, prepare_shared_stage, read_records, resolve_worker
 
 log = logging.getLogger(__name__)
 
@@ -283,50 +283,41 @@ def _run_extract(worker: Worker, corpus, out_dir, layers, aux, max_len, max_toke
 
 
 def merge_extract(out_dir: Path) -> dict | None:
-    """Write manifest.json once every shard of the stream is on disk; None while some are missing.
+    """Write manifest.json once every shard of the stream is on disk; None while some are missing."""
+    return merge_once(out_dir, "extract", lambda: _merge_extract(Path(out_dir)))
 
-    Safe to call from every worker at any time: one merges (under the folder's lock), the rest
-    see the lock or the finished manifest.
-    """
-    out_dir = Path(out_dir)
-    with merge_lock(out_dir) as mine:
-        if not mine:
-            log.info("extract: another worker is merging %s", out_dir)
-            return None
-        if (out_dir / MANIFEST).exists():
-            man = json.loads((out_dir / MANIFEST).read_text())
-            if man.get("complete"):
-                return man
-        records = read_records(out_dir / WORKERS_DIR)
-        finished = [r for r in records if r.get("total_shards") is not None]
-        if not finished:
-            return None
-        n_shards = finished[0]["total_shards"]
-        done = _done_shards(out_dir)
-        missing = [j for j in range(n_shards) if j not in done]
-        if missing:
-            log.info("extract: %d of %d shards are done; the worker that finishes the last one writes the manifest",
-                     n_shards - len(missing), n_shards)
-            return None
-        stage_doc = json.loads((out_dir / PROGRESS).read_text())
-        shards = [{k: v for k, v in done[j].items() if k != "index"} for j in range(n_shards)]
-        wall = max(r["wall_s"] for r in finished)
-        manifest = dict(stage_doc)
-        manifest.update(
-            complete=True,
-            shards=shards,
-            tokens=sum(s["tokens"] for s in shards),
-            sequences=sum(s["sequences"] for s in shards),
-            corpus_stats=finished[0]["corpus_stats"],
-            wall_s=wall,
-            device=",".join(sorted({r["device"] for r in finished})),
-            workers=[{k: r.get(k) for k in ("worker", "workers", "device", "wall_s", "forward_s", "new_tokens",
-                                            "tokens_per_s")} for r in finished],
-        )
-        new_tokens = sum(r.get("new_tokens", 0) for r in finished)
-        manifest["tokens_per_s"] = round(new_tokens / wall, 1) if wall > 0 and new_tokens else None
-        write_json_atomic(out_dir / MANIFEST, manifest)
-        (out_dir / PROGRESS).unlink(missing_ok=True)
-        log.info("extract: %d tokens in %d sequences, %d shards -> %s", manifest["tokens"], manifest["sequences"],
-                 len(shards), out_dir)
-        return manifest
+
+def _merge_extract(out_dir: Path) -> dict | None:
+    records = read_records(out_dir / WORKERS_DIR)
+    finished = [r for r in records if r.get("total_shards") is not None]
+    if not finished:
+        return None
+    n_shards = finished[0]["total_shards"]
+    done = _done_shards(out_dir)
+    missing = [j for j in range(n_shards) if j not in done]
+    if missing:
+        log.info("extract: %d of %d shards are done; the worker that finishes the last one writes the manifest",
+                 n_shards - len(missing), n_shards)
+        return None
+    stage_doc = json.loads((out_dir / PROGRESS).read_text())
+    shards = [{k: v for k, v in done[j].items() if k != "index"} for j in range(n_shards)]
+    wall = max(r["wall_s"] for r in finished)
+    manifest = dict(stage_doc)
+    manifest.update(
+        complete=True,
+        shards=shards,
+        tokens=sum(s["tokens"] for s in shards),
+        sequences=sum(s["sequences"] for s in shards),
+        corpus_stats=finished[0]["corpus_stats"],
+        wall_s=wall,
+        device=",".join(sorted({r["device"] for r in finished})),
+        workers=[{k: r.get(k) for k in ("worker", "workers", "device", "wall_s", "forward_s", "new_tokens",
+                                        "tokens_per_s")} for r in finished],
+    )
+    new_tokens = sum(r.get("new_tokens", 0) for r in finished)
+    manifest["tokens_per_s"] = round(new_tokens / wall, 1) if wall > 0 and new_tokens else None
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    (out_dir / PROGRESS).unlink(missing_ok=True)
+    log.info("extract: %d tokens in %d sequences, %d shards -> %s", manifest["tokens"], manifest["sequences"],
+             len(shards), out_dir)
+    return manifest

@@ -31,7 +31,7 @@ from mlsm.manifest import (
 )
 from pipeline.codes import dense_to_csr, merge_parts, part_rows, top_k_codes, write_part
 from pipeline.shards import iter_shard_batches, read_rows
-from pipeline.workers import Worker, finish, merge_lock, prepare_shared_stage, read_records, resolve_worker
+from pipeline.workers import Worker, finish, merge_once, prepare_shared_stage, read_records, resolve_worker
 
 log = logging.getLogger(__name__)
 
@@ -271,76 +271,67 @@ def _run_sparse_code(worker, extract_dir, out_dir, layer, K, lam, tol, dict_samp
 
 
 def merge_codes(extract_dir: Path, out_dir: Path) -> dict | None:
-    """Merge the parts into codes.h5 and write the manifest once every shard is coded; else None.
+    """Merge the parts into codes.h5 and write the manifest once every shard is coded; else None."""
+    return merge_once(out_dir, "sparse-code", lambda: _merge_codes(Path(extract_dir), Path(out_dir)))
 
-    Safe to call from every worker at any time: one merges (under the folder's lock), the rest see
-    the lock or the finished manifest.
-    """
-    extract_dir, out_dir = Path(extract_dir), Path(out_dir)
-    with merge_lock(out_dir) as mine:
-        if not mine:
-            log.info("sparse-code: another worker is merging %s", out_dir)
-            return None
-        if (out_dir / MANIFEST).exists():
-            done = json.loads((out_dir / MANIFEST).read_text())
-            if done.get("complete"):
-                return done
-        man = read_manifest(extract_dir, stage="extract", fix="mlsm extract (or make extract)")
-        progress_doc = json.loads((out_dir / PROGRESS).read_text())
-        p = progress_doc["params"]
-        parts = [out_dir / "parts" / f"part-{i:05d}.h5" for i in range(len(man["shards"]))]
-        n_missing = sum(part_rows(q) != s["tokens"] for q, s in zip(parts, man["shards"]))
-        if n_missing:
-            log.info("sparse-code: %d of %d parts are done; the worker that codes the last one merges them",
-                     len(parts) - n_missing, len(parts))
-            return None
-        with h5py.File(out_dir / "dictionary.h5", "r") as f:
-            D = f["D"][:]
-            dict_stats = json.loads(f.attrs["stats"])
-        recon_sum = 0.0
-        for q in parts:
-            with h5py.File(q, "r") as f:
-                recon_sum += float(f.attrs["recon_err_sum"])
-        from trainer.checkpoint import load_tokenizer, tokenizer_fingerprint
 
-        tok_fp = tokenizer_fingerprint(load_tokenizer(extract_dir / "tokenizer"))
-        attrs = {
-            "lambda": p["lambda"], "K": p["K"], "layer": p["layer"], "solver": SOLVER_NAME, "tolerance": p["tol"],
-            "top_k": p["top_k"] or 0, "values_dtype": p["values"],
-            "extract_fingerprint": progress_doc["inputs"]["extract_manifest"],
-            "dictionary_fingerprint": hashlib.sha256(np.ascontiguousarray(D, dtype=np.float32).tobytes()).hexdigest(),
-            "tokenizer_fingerprint": tok_fp,
-        }
-        value_dtype = np.float16 if p["values"] == "float16" else np.float32
-        total = man["tokens"]
-        stats = merge_parts(parts, out_dir / "codes.h5", attrs, value_dtype)
-        if stats["tokens"] != total:
-            raise MLSMError(f"merged {stats['tokens']} tokens but the extract manifest lists {total}; re-run with --force.")
-        shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
-        shutil.copytree(extract_dir / "tokenizer", out_dir / "tokenizer")
-        shutil.rmtree(out_dir / "parts")
+def _merge_codes(extract_dir: Path, out_dir: Path) -> dict | None:
+    man = read_manifest(extract_dir, stage="extract", fix="mlsm extract (or make extract)")
+    progress_doc = json.loads((out_dir / PROGRESS).read_text())
+    p = progress_doc["params"]
+    parts = [out_dir / "parts" / f"part-{i:05d}.h5" for i in range(len(man["shards"]))]
+    n_missing = sum(part_rows(q) != s["tokens"] for q, s in zip(parts, man["shards"]))
+    if n_missing:
+        log.info("sparse-code: %d of %d parts are done; the worker that codes the last one merges them",
+                 len(parts) - n_missing, len(parts))
+        return None
+    with h5py.File(out_dir / "dictionary.h5", "r") as f:
+        D = f["D"][:]
+        dict_stats = json.loads(f.attrs["stats"])
+    recon_sum = 0.0
+    for q in parts:
+        with h5py.File(q, "r") as f:
+            recon_sum += float(f.attrs["recon_err_sum"])
+    from trainer.checkpoint import load_tokenizer, tokenizer_fingerprint
 
-        records = read_records(out_dir / WORKERS_DIR)
-        coded = sum(r["coded_tokens"] for r in records)
-        t_code = max((r["coding_s"] for r in records), default=0.0)
-        report = {
-            "tokens": total,
-            "nnz_per_token": round(stats["nnz"] / total, 2),
-            "bytes_per_token": round(stats["bytes"] / total, 1),
-            "codes_bytes": stats["bytes"],
-            "rel_recon_error": round(recon_sum / total, 4),
-            "zero_code_tokens": stats["zero_rows"],
-            "gap_mean": stats.get("gap_mean"), "gap_p99": stats.get("gap_p99"), "gap_max": stats.get("gap_max"),
-            "dictionary_s": max((r["dictionary_s"] for r in records), default=None),
-            "coding_s": t_code,
-            "coding_tokens_per_s": round(coded / t_code, 1) if coded and t_code > 0 else None,
-            "device": ",".join(sorted({r["device"] for r in records})),
-            "workers": len(records),
-        }
-        manifest = dict(progress_doc)
-        manifest.update(complete=True, solver=SOLVER_NAME, dictionary=dict_stats, report=report,
-                        tokenizer_fingerprint=tok_fp, tokens=total)
-        write_json_atomic(out_dir / MANIFEST, manifest)
-        (out_dir / PROGRESS).unlink(missing_ok=True)
-        log.info("sparse-code: %s", json.dumps(report))
-        return manifest
+    tok_fp = tokenizer_fingerprint(load_tokenizer(extract_dir / "tokenizer"))
+    attrs = {
+        "lambda": p["lambda"], "K": p["K"], "layer": p["layer"], "solver": SOLVER_NAME, "tolerance": p["tol"],
+        "top_k": p["top_k"] or 0, "values_dtype": p["values"],
+        "extract_fingerprint": progress_doc["inputs"]["extract_manifest"],
+        "dictionary_fingerprint": hashlib.sha256(np.ascontiguousarray(D, dtype=np.float32).tobytes()).hexdigest(),
+        "tokenizer_fingerprint": tok_fp,
+    }
+    value_dtype = np.float16 if p["values"] == "float16" else np.float32
+    total = man["tokens"]
+    stats = merge_parts(parts, out_dir / "codes.h5", attrs, value_dtype)
+    if stats["tokens"] != total:
+        raise MLSMError(f"merged {stats['tokens']} tokens but the extract manifest lists {total}; re-run with --force.")
+    shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
+    shutil.copytree(extract_dir / "tokenizer", out_dir / "tokenizer")
+    shutil.rmtree(out_dir / "parts")
+
+    records = read_records(out_dir / WORKERS_DIR)
+    coded = sum(r["coded_tokens"] for r in records)
+    t_code = max((r["coding_s"] for r in records), default=0.0)
+    report = {
+        "tokens": total,
+        "nnz_per_token": round(stats["nnz"] / total, 2),
+        "bytes_per_token": round(stats["bytes"] / total, 1),
+        "codes_bytes": stats["bytes"],
+        "rel_recon_error": round(recon_sum / total, 4),
+        "zero_code_tokens": stats["zero_rows"],
+        "gap_mean": stats.get("gap_mean"), "gap_p99": stats.get("gap_p99"), "gap_max": stats.get("gap_max"),
+        "dictionary_s": max((r["dictionary_s"] for r in records), default=None),
+        "coding_s": t_code,
+        "coding_tokens_per_s": round(coded / t_code, 1) if coded and t_code > 0 else None,
+        "device": ",".join(sorted({r["device"] for r in records})),
+        "workers": len(records),
+    }
+    manifest = dict(progress_doc)
+    manifest.update(complete=True, solver=SOLVER_NAME, dictionary=dict_stats, report=report,
+                    tokenizer_fingerprint=tok_fp, tokens=total)
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    (out_dir / PROGRESS).unlink(missing_ok=True)
+    log.info("sparse-code: %s", json.dumps(report))
+    return manifest

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from mlsm.errors import MLSMError
 
@@ -97,6 +98,26 @@ def merge_lock(folder: Path) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def merge_once(folder: Path, stage: str, merge: Callable[[], dict | None]) -> dict | None:
+    """Run `merge` (which writes the stage's manifest, or returns None while work is missing) at most once.
+
+    Safe to call from every worker at any time: one merges under the folder's lock; the others
+    see the lock (None) or the finished manifest.
+    """
+    from mlsm.manifest import MANIFEST
+
+    folder = Path(folder)
+    with merge_lock(folder) as mine:
+        if not mine:
+            log.info("%s: another worker is merging %s", stage, folder)
+            return None
+        if (folder / MANIFEST).exists():
+            done = json.loads((folder / MANIFEST).read_text())
+            if done.get("complete"):
+                return done
+        return merge()
 
 
 def prepare_shared_stage(worker: Worker, out_dir: Path, stage: str, params: dict, inputs: dict, force: bool,
