@@ -40,7 +40,7 @@ from pipeline.solvers import fista_fixed, lipschitz  # noqa: E402
 from trainer import checkpoint  # noqa: E402
 from trainer.data import BatchIterator, Prefetcher, TokenData  # noqa: E402
 from trainer.model import BertConfig, Student  # noqa: E402
-from trainer.train import _adamw, _param_groups, _to, train_step  # noqa: E402
+from trainer.train import _adamw, param_groups, _to, train_step  # noqa: E402
 
 log = logging.getLogger("bench.train")
 MODES = ("mlm", "mlsm", "mlsm+mlm", "online")
@@ -118,7 +118,7 @@ def student(config: BertConfig, num_atoms, mlm: bool, device, compile_: bool):
 def trainer_mode(mode: str, config, data, tok, args, device, bf16) -> dict:
     use_mlsm, use_mlm = mode != "mlm", mode != "mlsm"
     model, step_model = student(config, data.K if use_mlsm else None, use_mlm, device, args.compile)
-    opt = _adamw(_param_groups(model, 0.01), 1e-4)
+    opt = _adamw(param_groups(model, 0.01), 1e-4)
     batches = make_batches(data, tok, args, with_targets=use_mlsm, device=device)
 
     def step() -> int:
@@ -143,7 +143,7 @@ def online_mode(config, data, tok, args, device, bf16) -> dict:
     L = lipschitz(D)  # once, as the reference
     V, K = config.vocab_size, D.shape[1]
     model, step_model = student(config, V + K, False, device, args.compile)
-    opt = _adamw(_param_groups(model, 0.01), 1e-4)
+    opt = _adamw(param_groups(model, 0.01), 1e-4)
     batches = make_batches(data, tok, args, with_targets=False, device=device)
 
     def step() -> int:

@@ -198,7 +198,7 @@ def test_lr_schedule_and_decay_groups():
     assert train.lr_at(0, no_warm) == 1.0
 
     student = Student(BertConfig(vocab_size=50, **SMALL), 20, mlm=True)
-    decay, no_decay = train._param_groups(student, 0.01)
+    decay, no_decay = train.param_groups(student, 0.01)
     names = {id(p): n for n, p in student.named_parameters()}
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     assert all("LayerNorm" in names[id(p)] or names[id(p)].endswith("bias") for p in no_decay["params"])

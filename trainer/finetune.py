@@ -33,7 +33,7 @@ from mlsm.errors import MLSMError
 from mlsm.manifest import write_json_atomic
 from trainer import checkpoint
 from trainer.metrics import mean_std, scores
-from trainer.train import _param_groups, lr_at
+from trainer.train import param_groups, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ def run_seed(cfg: FinetuneConfig, task: Task, encoded: dict[str, list[Example]],
     train = encoded["train"]
     total = max(1, int(round(cfg.epochs * math.ceil(len(train) / cfg.batch))))
     sched = SimpleNamespace(lr=cfg.lr, warmup=cfg.warmup, steps=total)  # the pre-training schedule's shape
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     rng = np.random.default_rng(seed)
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
     step, t0, losses = 0, time.time(), []

@@ -127,7 +127,7 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: biases and LayerNorm weights (1-D) are not decayed."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():  # shared (tied) parameters appear once
@@ -518,7 +518,7 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, dist_info: 
     if cfg.compile:
         step_model = torch.compile(step_model)
 
-    opt = _adamw(_param_groups(model, cfg.weight_decay), cfg.lr)
+    opt = _adamw(param_groups(model, cfg.weight_decay), cfg.lr)
     batches = BatchIterator(
         data, cfg.batch_size, seed=cfg.seed, mask_id=special["mask"], vocab_size=vocab_size,
         special_ids=[special[k] for k in ("cls", "sep", "pad", "mask")], mask_prob=cfg.mask_prob,
