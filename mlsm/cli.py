@@ -58,7 +58,10 @@ NUM_SHARDS = click.option("--num-shards", type=int, default=None,
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="mlsm")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def cli(verbose: bool):
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="MLSM_THREADS",
+              help="CPU threads for torch (default: torch's choice, one per core). On a machine busy with "
+                   "other jobs, fewer threads than cores is often faster (e.g. 1 on a shared 2-core box).")
+def cli(verbose: bool, threads: int | None):
     """Masked Latent Semantic Modeling pre-training, with targets computed offline.
 
     \b
@@ -69,7 +72,18 @@ def cli(verbose: bool):
       mlsm sparse-code  dictionary + LSP codes   -> data/codes/{dictionary,codes}.h5
       mlsm tokenize     token stream only        -> data/tokens/tokens.h5 (for --objective mlm)
       mlsm pretrain     train the student        -> runs/<name>/step-*/
+    
+    Evaluation and hand-off:
+      mlsm eval-data    offline downstream tasks -> data/eval/{bbc,supersense,pos}/
+      mlsm finetune     fine-tune + score a checkpoint on a task (mean +- std over seeds)
+      mlsm layer-report which auxiliary layer to take targets from (extract --layers first)
+      mlsm export       a transformers BERT directory from any checkpoint
+      mlsm plot         loss curves of runs
     """
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 

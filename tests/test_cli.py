@@ -1,0 +1,25 @@
+"""The `mlsm` command group: global options and a --help that lists every stage."""
+import torch
+from click.testing import CliRunner
+
+from mlsm.cli import cli
+
+
+def test_threads_option_sets_torch_threads():
+    before = torch.get_num_threads()
+    try:
+        target = 1 if before != 1 else 2
+        res = CliRunner().invoke(cli, ["--threads", str(target), "export", "--help"])
+        assert res.exit_code == 0, res.output
+        assert torch.get_num_threads() == target
+        bad = CliRunner().invoke(cli, ["--threads", "0", "export", "--help"])
+        assert bad.exit_code != 0 and "--threads" in bad.output
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_group_help_lists_every_command():
+    out = CliRunner().invoke(cli, ["--help"]).output
+    described = out.split("Options:")[0]
+    for name in cli.commands:
+        assert f"mlsm {name}" in described, f"`mlsm --help` does not describe `mlsm {name}`"
