@@ -173,6 +173,7 @@ def test_exported_dir_fine_tunes_identically(tmp_path, model_dir):
     b = run_finetune(FinetuneConfig(model=str(tmp_path / "hf"), **args))
     assert a["seeds"][0]["train_loss_last"] == b["seeds"][0]["train_loss_last"]
     assert a["summary"] == b["summary"]
+    assert (a["model_name"], b["model_name"]) == ("run/step-0000005", "hf")
 
 
 def test_cli_runs_and_rejects_bad_settings(tmp_path, model_dir):

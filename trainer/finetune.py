@@ -403,6 +403,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     _validate(cfg)
     device = pick_device(cfg.device)
     model_dir = checkpoint.resolve_model_dir(cfg.model)
+    if model_dir.name.startswith("step-"):
+        model_name = f"{model_dir.parent.name}/{model_dir.name}"
+    else:  # an alias (`minilm`) names itself; a folder by its name
+        model_name = cfg.model if not Path(cfg.model).exists() else model_dir.name
     cfg = dataclasses.replace(cfg, model=str(model_dir))
     task = load_task(cfg.task, cfg.text_cols, cfg.label_col)
     tok = checkpoint.load_tokenizer(model_dir)
@@ -428,7 +432,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     meta = json.loads((model_dir / checkpoint.CONFIG).read_text()).get("mlsm") or {}
     result = {
         "task": task.name, "kind": task.kind, "labels": task.labels, "model": str(model_dir),
-        "model_name": f"{model_dir.parent.name}/{model_dir.name}" if model_dir.name.startswith("step-") else model_dir.name,
+        "model_name": model_name,
         "model_step": meta.get("step"), "model_objective": meta.get("objective"),
         "sizes": {k: len(v) for k, v in encoded.items()},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
