@@ -9,7 +9,8 @@ Steps (each skips what an earlier invocation finished, so an interrupted compare
 2. `mlsm layer-report` on them (the cheap per-layer measures);
 3. sparse-code each layer;
 4. pre-train the students with the same budget (steps x batch) on the same token stream:
-   MLM, MLSM, MLSM+MLM (w=1) from the main layer, and MLSM from each variant layer;
+   MLM, MLSM, MLSM+MLM (w=1) from the main layer, and MLSM from each variant layer; with
+   pretrain_seeds > 1 (cpu size: 2), MLM and MLSM again with other pre-training seeds;
 5. fine-tune each checkpoint at 25/50/100% (variants and the random-init baseline: 100% only) on
    each task, several seeds;
 6. write <out>/compare[-size].md, .json and .png.
@@ -23,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -40,16 +42,18 @@ SIZES = {
     # Numbers mean nothing at this size: it only proves every stage runs and the outputs are written.
     "smoke": dict(tokens=20_000, layers=[3, 6], main_layer=6, K=200, dict_samples=15_000, dict_heldout=2_000,
                   model="tiny", steps=40, batch=16, lr=2e-3, ft_seeds=1, ft_epochs=1, ft_lr=1e-4, ft_batch=32,
-                  max_train=200, max_eval=200, report_samples=4_000, report_heldout=1_000, report_K=100, device="cpu"),
-    # About an hour on 2 CPU cores (pre-training ~20 min, fine-tuning ~40 min). Fine-tuning lr 1e-3 and 2000
+                  max_train=200, max_eval=200, report_samples=4_000, report_heldout=1_000, report_K=100, device="cpu",
+                  pretrain_seeds=1),
+    # About 70 min on 2 CPU cores (pre-training ~30 min, fine-tuning ~40 min). Fine-tuning lr 1e-3 and 2000
     # training examples: at 1e-4 and 500 the tiny students stayed at the majority class (docs/evaluation.md).
     "cpu": dict(tokens=200_000, layers=[3, 6], main_layer=6, K=1000, dict_samples=100_000, dict_heldout=10_000,
                 model="tiny", steps=500, batch=32, lr=2e-3, ft_seeds=3, ft_epochs=3, ft_lr=1e-3, ft_batch=32,
-                max_train=2000, max_eval=500, report_samples=20_000, report_heldout=5_000, report_K=500, device="cpu"),
+                max_train=2000, max_eval=500, report_samples=20_000, report_heldout=5_000, report_K=500, device="cpu",
+                pretrain_seeds=2),
     # One GPU: BERT-mini, 4000 steps of 128 sequences over the whole SOTU corpus, the paper's K.
     "gpu": dict(tokens=None, layers=[2, 4, 6], main_layer=6, K=3000, dict_samples=1_000_000, dict_heldout=20_000,
                 model="mini", steps=4000, batch=128, lr=1e-3, ft_seeds=3, ft_epochs=3, ft_lr=1e-4, ft_batch=32, max_train=None,
-                max_eval=None, report_samples=50_000, report_heldout=10_000, report_K=1000, device="cuda"),
+                max_eval=None, report_samples=50_000, report_heldout=10_000, report_K=1000, device="cuda", pretrain_seeds=1),
 }
 
 
@@ -143,6 +147,7 @@ def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, o
             else:
                 vals.append("–")
         lines.append(f"| {run} | {obj} | {step} | " + " | ".join(vals) + " |")
+    lines += seed_spread(rows, tasks)
     if layer_rep is not None:
         lines += ["", "## Layer report (auxiliary model)", "", layer_md(layer_rep)]
     lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "|---|---|"]
@@ -156,6 +161,32 @@ def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, o
     plot(rows, tasks, out / f"compare{suffix}.png", size)
 
 
+def seed_spread(rows: list[dict], tasks: list[str]) -> list[str]:
+    """Final checkpoints of runs repeated with other pre-training seeds: mean ± std over those seeds
+    of each run's fine-tuning mean, next to the fine-tuning-seed std of seed 0 alone."""
+    final = max(r["step"] for r in rows)
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["step"] == final:
+            groups.setdefault(r["run"].rsplit("-s", 1)[0] if r.get("pretrain_seed") else r["run"], []).append(r)
+    groups = {b: g for b, g in groups.items() if len({r.get("pretrain_seed", 0) for r in g}) > 1}
+    if not groups:
+        return []
+    lines = ["", "## Pre-training seeds (final checkpoint)", "",
+             "Cells: test accuracy in %, mean ± std over pre-training seeds of each run's mean over fine-tuning "
+             "seeds; in brackets the fine-tuning-seed std of the seed-0 run.", "",
+             "| run | pre-training seeds | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for base, g in sorted(groups.items()):
+        vals = []
+        for t in tasks:
+            per = sorted((r.get("pretrain_seed", 0), *_score(r["result"], "accuracy")) for r in g if r["task"] == t)
+            means = [m for _, m, _ in per]
+            std = statistics.stdev(means) if len(means) > 1 else 0.0
+            vals.append(f"{100 * statistics.fmean(means):.1f} ± {100 * std:.1f} ({100 * per[0][2]:.1f})")
+        lines.append(f"| {base} | {len({r.get('pretrain_seed', 0) for r in g})} | " + " | ".join(vals) + " |")
+    return lines
+
+
 def plot(rows: list[dict], tasks: list[str], path: Path, size: str) -> None:
     import matplotlib
 
@@ -164,7 +195,7 @@ def plot(rows: list[dict], tasks: list[str], path: Path, size: str) -> None:
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        runs = sorted({r["run"] for r in rows if r["task"] == task})
+        runs = sorted({r["run"] for r in rows if r["task"] == task and not r.get("pretrain_seed")})
         for run in runs:
             pts = sorted((r["step"], *_score(r["result"], "accuracy")) for r in rows if r["task"] == task and r["run"] == run)
             xs, ys, es = zip(*pts)
@@ -260,13 +291,21 @@ def run(args) -> None:
     for layer in layers:
         if layer != L:
             runs[f"mlsm-L{layer}"] = ("mlsm", 0.0, layer, (1.0,))
+    pretrain_seed = {name: 0 for name in runs}
+    # Fine-tuning seeds do not show how much the pre-training run itself varies: MLM and the main
+    # MLSM run are repeated with other seeds (init, masks, data order), final checkpoint only.
+    for k in range(1, p["pretrain_seeds"]):
+        for base in ("mlm", f"mlsm-L{L}"):
+            objective, w, layer, _ = runs[base]
+            runs[f"{base}-s{k}"] = (objective, w, layer, (1.0,))
+            pretrain_seed[f"{base}-s{k}"] = k
     run_dirs = {}
     for name, (objective, w, layer, _) in runs.items():
         run_dirs[name] = work / "runs" / name
         mlsm_cmd("pretrain", "--data", codes[layer] / "codes.h5", "--out", run_dirs[name], "--objective", objective,
                  "--mlm-weight", w, "--model", p["model"], "--steps", p["steps"], "--batch-size", p["batch"],
-                 "--lr", p["lr"], "--seed", args.seed, "--device", p["device"], "--milestones", "--log-every", 50,
-                 *progress)
+                 "--lr", p["lr"], "--seed", args.seed + pretrain_seed[name], "--device", p["device"], "--milestones",
+                 "--log-every", 50, *progress)
     timings["pretrain"] = time.time() - t0
 
     t0 = time.time()
@@ -282,7 +321,8 @@ def run(args) -> None:
         for task in tasks:
             log.info("fine-tune %s step %d on %s", name, step, task.name)
             res = finetune_cached(d, task, work / "finetune" / name / d.name / task.name, p)
-            rows.append({"run": name, "objective": label, "step": step, "task": task.name, "result": res})
+            rows.append({"run": name, "objective": label, "step": step, "task": task.name, "result": res,
+                         "pretrain_seed": pretrain_seed.get(name, 0)})
     timings["finetune"] = time.time() - t0
 
     write_report(rows, layer_rep, p, args.size, args.out, timings)
