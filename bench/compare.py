@@ -150,7 +150,9 @@ def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, o
     lines += seed_spread(rows, tasks)
     if layer_rep is not None:
         lines += ["", "## Layer report (auxiliary model)", "", layer_md(layer_rep)]
-    lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += ["", "## Stage timings of the last invocation (s)", "",
+              "Work finished by an earlier invocation is skipped and does not count here.", "",
+              "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     suffix = "" if size == "cpu" else f"-{size}"
     (out / f"compare{suffix}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
