@@ -123,7 +123,8 @@ def _score(res: dict, metric: str) -> tuple[float, float]:
     return s["mean"], s["std"]
 
 
-def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, out: Path, timings: dict) -> None:
+def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, out: Path, timings: dict,
+                 plateau: dict | None = None) -> None:
     from pipeline.layer_report import markdown as layer_md
 
     tasks = sorted({r["task"] for r in rows})
@@ -148,6 +149,7 @@ def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, o
                 vals.append("–")
         lines.append(f"| {run} | {obj} | {step} | " + " | ".join(vals) + " |")
     lines += seed_spread(rows, tasks)
+    lines += plateau_section(plateau or {})
     if layer_rep is not None:
         lines += ["", "## Layer report (auxiliary model)", "", layer_md(layer_rep)]
     lines += ["", "## Stage timings of the last invocation (s)", "",
@@ -159,8 +161,63 @@ def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, o
     (out / f"compare{suffix}.json").write_text(json.dumps(
         {"size": size, "params": p, "rows": [{k: v for k, v in r.items() if k != "result"} | {
             "summary": r["result"]["summary"], "seeds": r["result"]["seeds"]} for r in rows],
-         "layer_report": layer_rep, "timings_s": timings}, indent=2, default=str), encoding="utf-8")
+         "layer_report": layer_rep, "plateau": plateau, "timings_s": timings}, indent=2, default=str), encoding="utf-8")
     plot(rows, tasks, out / f"compare{suffix}.png", size)
+
+
+def marginal_baselines(codes_h5: Path, max_tokens: int = 500_000) -> dict:
+    """Losses of a student that ignores the context, on the first `max_tokens` tokens.
+
+    MLM: predicting the unigram frequencies costs their entropy. MLSM: predicting the mean target
+    distribution costs the mean KL(target || mean). Early pre-training sits on these plateaus; a
+    checkpoint still there has learnt nothing contextual to fine-tune from.
+    """
+    import h5py
+    import numpy as np
+
+    with h5py.File(codes_h5, "r") as f:
+        n = min(max_tokens, f["tokens"].shape[0])
+        tokens = f["tokens"][:n]
+        K = int(f.attrs["K"])
+        indptr = f["codes/indptr"][:n + 1].astype(np.int64)
+        idx = f["codes/indices"][indptr[0]:indptr[-1]].astype(np.int64)
+        val = f["codes/values"][indptr[0]:indptr[-1]].astype(np.float64)
+    counts = np.bincount(tokens).astype(np.float64)
+    pu = counts[counts > 0] / n
+    rows = np.repeat(np.arange(n), np.diff(indptr))
+    mass = np.bincount(rows, weights=val, minlength=n)
+    keep = mass[rows] > 0
+    t = val[keep] / mass[rows][keep]
+    n_coded = int((mass > 0).sum())
+    mean_t = np.bincount(idx[keep], weights=t, minlength=K) / n_coded
+    return {"tokens": int(n), "unigram_entropy": float(-(pu * np.log(pu)).sum()),
+            "mlsm_marginal_kl": float((t * np.log(t / mean_t[idx[keep]])).sum() / n_coded)}
+
+
+def final_losses(run_dir: Path, last: int = 3) -> dict:
+    """Mean of the last `last` logged MLSM and MLM losses of a run (single logged steps are noisy)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    out = {}
+    for key in ("mlsm_loss", "mlm_loss"):
+        vals = [r[key] for r in rows[-last:] if r.get(key) is not None]
+        out[key] = sum(vals) / len(vals) if vals else None
+    out["steps"] = [r["step"] for r in rows[-last:]]
+    return out
+
+
+def plateau_section(plateau: dict) -> list[str]:
+    if not plateau:
+        return []
+    lines = ["", "## Did pre-training leave the marginal plateau?", "",
+             "Final losses (mean of the last 3 logged steps) next to the loss of a student that ignores the "
+             "context (same layer's codes): MLM predicting unigram frequencies (their entropy), MLSM predicting "
+             "the mean target (mean KL to it). A loss at its baseline means nothing contextual was learnt yet.", "",
+             "| run | MLSM loss | MLSM baseline | MLM loss | MLM baseline |", "|---|---|---|---|---|"]
+    for run, d in sorted(plateau.items()):
+        f = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {run} | {f(d['mlsm_loss'])} | {f(d['mlsm_loss'] and d['mlsm_marginal_kl'])} | "
+                     f"{f(d['mlm_loss'])} | {f(d['mlm_loss'] and d['unigram_entropy'])} |")
+    return lines
 
 
 def seed_spread(rows: list[dict], tasks: list[str]) -> list[str]:
@@ -309,6 +366,8 @@ def run(args) -> None:
                  "--lr", p["lr"], "--seed", args.seed + pretrain_seed[name], "--device", p["device"], "--milestones",
                  "--log-every", 50, *progress)
     timings["pretrain"] = time.time() - t0
+    baselines = {layer: marginal_baselines(codes[layer] / "codes.h5") for layer in {runs[n][2] for n in runs}}
+    plateau = {name: {**final_losses(run_dirs[name]), **baselines[layer]} for name, (_, _, layer, _) in runs.items()}
 
     t0 = time.time()
     checkpoints = []  # (run, objective label, step, dir)
@@ -327,7 +386,7 @@ def run(args) -> None:
                          "pretrain_seed": pretrain_seed.get(name, 0)})
     timings["finetune"] = time.time() - t0
 
-    write_report(rows, layer_rep, p, args.size, args.out, timings)
+    write_report(rows, layer_rep, p, args.size, args.out, timings, plateau)
     suffix = "" if args.size == "cpu" else f"-{args.size}"
     log.info("wrote %s/compare%s.md, .json and .png", args.out, suffix)
 
