@@ -124,7 +124,7 @@ def _score(res: dict, metric: str) -> tuple[float, float]:
 
 
 def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, out: Path, timings: dict,
-                 plateau: dict | None = None) -> None:
+                 plateau: dict | None = None, tag: str = "") -> None:
     from pipeline.layer_report import markdown as layer_md
 
     tasks = sorted({r["task"] for r in rows})
@@ -156,7 +156,7 @@ def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, o
               "Work finished by an earlier invocation is skipped and does not count here.", "",
               "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-    suffix = "" if size == "cpu" else f"-{size}"
+    suffix = ("" if size == "cpu" else f"-{size}") + tag
     (out / f"compare{suffix}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out / f"compare{suffix}.json").write_text(json.dumps(
         {"size": size, "params": p, "rows": [{k: v for k, v in r.items() if k != "result"} | {
@@ -284,6 +284,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("--device", default=None, help="Override the size's device (cpu, cuda).")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="Pre-training steps instead of the size's (another budget on the same data and codes).")
+    ap.add_argument("--runs", default=None,
+                    help="Only these runs, comma-separated (mlm, mlsm-L6, mlsm+mlm-L6, mlsm-L3, mlm-s1, ...).")
+    ap.add_argument("--final-only", action="store_true", help="Fine-tune only each run's final checkpoint.")
+    ap.add_argument("--tag", default=None,
+                    help="Suffix of the run/finetune folders and the report (default with --steps N: -N-steps).")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
@@ -302,6 +309,9 @@ def run(args) -> None:
     p = dict(SIZES[args.size], corpus=args.corpus)
     if args.device:
         p["device"] = args.device
+    if args.steps:
+        p["steps"] = args.steps
+    tag = args.tag if args.tag is not None else (f"-{args.steps}-steps" if args.steps else "")
     os.chdir(ROOT)
     work = args.work or Path(f"data/compare-{args.size}")
     tasks = [args.eval_dir / t for t in args.tasks.split(",") if t]
@@ -358,9 +368,17 @@ def run(args) -> None:
             objective, w, layer, _ = runs[base]
             runs[f"{base}-s{k}"] = (objective, w, layer, (1.0,))
             pretrain_seed[f"{base}-s{k}"] = k
+    if args.runs:
+        wanted = [r for r in args.runs.split(",") if r]
+        unknown = sorted(set(wanted) - set(runs))
+        if unknown:
+            raise MLSMError(f"--runs: no run named {', '.join(unknown)}; this size has {', '.join(runs)}.")
+        runs = {k: v for k, v in runs.items() if k in wanted}
+    if args.final_only:
+        runs = {k: (*v[:3], (1.0,)) for k, v in runs.items()}
     run_dirs = {}
     for name, (objective, w, layer, _) in runs.items():
-        run_dirs[name] = work / "runs" / name
+        run_dirs[name] = work / f"runs{tag}" / name
         mlsm_cmd("pretrain", "--data", codes[layer] / "codes.h5", "--out", run_dirs[name], "--objective", objective,
                  "--mlm-weight", w, "--model", p["model"], "--steps", p["steps"], "--batch-size", p["batch"],
                  "--lr", p["lr"], "--seed", args.seed + pretrain_seed[name], "--device", p["device"], "--milestones",
@@ -381,13 +399,14 @@ def run(args) -> None:
     for name, label, step, d in checkpoints:
         for task in tasks:
             log.info("fine-tune %s step %d on %s", name, step, task.name)
-            res = finetune_cached(d, task, work / "finetune" / name / d.name / task.name, p)
+            ft_dir = work / ("finetune" if name == "random-init" else f"finetune{tag}")  # random init: any budget
+            res = finetune_cached(d, task, ft_dir / name / d.name / task.name, p)
             rows.append({"run": name, "objective": label, "step": step, "task": task.name, "result": res,
                          "pretrain_seed": pretrain_seed.get(name, 0)})
     timings["finetune"] = time.time() - t0
 
-    write_report(rows, layer_rep, p, args.size, args.out, timings, plateau)
-    suffix = "" if args.size == "cpu" else f"-{args.size}"
+    write_report(rows, layer_rep, p, args.size, args.out, timings, plateau, tag)
+    suffix = ("" if args.size == "cpu" else f"-{args.size}") + tag
     log.info("wrote %s/compare%s.md, .json and .png", args.out, suffix)
 
 
