@@ -361,10 +361,10 @@ def run(args) -> None:
         if layer != L:
             runs[f"mlsm-L{layer}"] = ("mlsm", 0.0, layer, (1.0,))
     pretrain_seed = {name: 0 for name in runs}
-    # Fine-tuning seeds do not show how much the pre-training run itself varies: MLM and the main
-    # MLSM run are repeated with other seeds (init, masks, data order), final checkpoint only.
+    # Fine-tuning seeds do not show how much the pre-training run itself varies: MLM and the MLSM
+    # run of every layer are repeated with other seeds (init, masks, data order), final checkpoint only.
     for k in range(1, p["pretrain_seeds"]):
-        for base in ("mlm", f"mlsm-L{L}"):
+        for base in ["mlm"] + [f"mlsm-L{layer}" for layer in layers]:
             objective, w, layer, _ = runs[base]
             runs[f"{base}-s{k}"] = (objective, w, layer, (1.0,))
             pretrain_seed[f"{base}-s{k}"] = k
