@@ -10,7 +10,7 @@ Steps (each skips what an earlier invocation finished, so an interrupted compare
 3. sparse-code each layer;
 4. pre-train the students with the same budget (steps x batch) on the same token stream:
    MLM, MLSM, MLSM+MLM (w=1) from the main layer, and MLSM from each variant layer; with
-   pretrain_seeds > 1 (cpu size: 2), MLM and MLSM again with other pre-training seeds;
+   pretrain_seeds > 1 (cpu size: 2), MLM and each layer's MLSM again with other pre-training seeds;
 5. fine-tune each checkpoint at 25/50/100% (variants and the random-init baseline: 100% only) on
    each task, several seeds;
 6. write <out>/compare[-size].md, .json and .png.
