@@ -72,7 +72,7 @@ def cli(verbose: bool, threads: int | None):
       mlsm sparse-code  dictionary + LSP codes   -> data/codes/{dictionary,codes}.h5
       mlsm tokenize     token stream only        -> data/tokens/tokens.h5 (for --objective mlm)
       mlsm pretrain     train the student        -> runs/<name>/step-*/
-    
+    \b
     Evaluation and hand-off:
       mlsm eval-data    offline downstream tasks -> data/eval/{bbc,supersense,pos}/
       mlsm finetune     fine-tune + score a checkpoint on a task (mean +- std over seeds)
