@@ -19,16 +19,14 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from mlsm import __version__
 from mlsm.errors import MLSMError
 from mlsm.manifest import read_manifest, write_json_atomic
 from pipeline.dictionary import learn_dictionary
-from pipeline.shards import read_rows
 from pipeline.solvers import nn_lasso
-from pipeline.sparse_code import normalize_rows, sample_rows
+from pipeline.sparse_code import normalize_rows, read_sample, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +40,6 @@ def aux_flops_per_token(config: dict, layer: int, seq_len: int) -> float:
     H, I = config["hidden_size"], config["intermediate_size"]
     per_block = 2 * (4 * H * H + 2 * H * I + 2 * seq_len * H)
     return float(layer * per_block)
-
-
-def _read_sample(extract_dir: Path, shards: list[dict], rows: np.ndarray, layer: int | None) -> np.ndarray:
-    """Hidden states of `layer` (or token ids if layer is None) at the global `rows`."""
-    out, start = [], 0
-    for s in shards:
-        sel = rows[(rows >= start) & (rows < start + s["tokens"])] - start
-        if len(sel):
-            path = extract_dir / s["file"]
-            if layer is None:
-                ids = pq.read_table(path, columns=["token_id"]).column("token_id").to_numpy()
-                out.append(ids[sel])
-            else:
-                out.append(read_rows(path, layer, sel))
-        start += s["tokens"]
-    return np.concatenate(out)
 
 
 def atom_stats(codes: torch.Tensor, token_ids: np.ndarray, few: int) -> dict:
@@ -118,7 +100,7 @@ def layer_report(
         heldout = min(heldout, len(rows) // 5)
     perm = np.random.default_rng(seed + 1).permutation(len(rows))
     train_idx, held_idx = perm[heldout:], perm[:heldout]
-    token_ids = _read_sample(extract_dir, shards, rows, None)
+    token_ids = read_sample(extract_dir, shards, rows, None)
     aux_cfg = man.get("aux_config") or {}
     seq_len = int(man["params"].get("max_len", 128))
     last = aux_cfg.get("num_hidden_layers", max(layers))
@@ -126,7 +108,7 @@ def layer_report(
 
     per_layer = []
     for layer in layers:
-        X = normalize_rows(_read_sample(extract_dir, shards, rows, layer), device)
+        X = normalize_rows(read_sample(extract_dir, shards, rows, layer), device)
         Xtr, Xho = X[torch.as_tensor(train_idx)], X[torch.as_tensor(held_idx)]
         res = learn_dictionary(Xtr, K=K, lam=lam, seed=seed, device=device, progress=progress,
                                init_samples=min(len(Xtr), 50_000))

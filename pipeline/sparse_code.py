@@ -21,6 +21,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -53,22 +54,30 @@ def sample_rows(shards: list[dict], n: int, rng: np.random.Generator) -> np.ndar
     return np.sort(rng.choice(total, size=min(n, total), replace=False))
 
 
+def read_sample(extract_dir: Path, shards: list[dict], rows: np.ndarray, layer: int | None,
+                progress: bool = False) -> np.ndarray:
+    """Hidden states of `layer` (token ids if layer is None) at the sorted global `rows`, shard by shard."""
+    starts = np.concatenate([[0], np.cumsum([s["tokens"] for s in shards])])
+    out = []
+    for i, s in enumerate(tqdm(shards, desc="sample", unit="shard", leave=False, disable=not progress)):
+        sel = rows[(rows >= starts[i]) & (rows < starts[i + 1])] - starts[i]
+        if len(sel):
+            path = extract_dir / s["file"]
+            if not path.exists():
+                raise MLSMError(f"{path} is gone (deleted by --delete-hidden or make clean-hidden) and its hidden "
+                                f"states are needed again; re-extract with `mlsm extract --force`.")
+            if layer is None:
+                out.append(pq.read_table(path, columns=["token_id"]).column("token_id").to_numpy()[sel])
+            else:
+                out.append(read_rows(path, layer, sel))
+    return np.concatenate(out)
+
+
 def sample_vectors(extract_dir: Path, shards: list[dict], layer: int, n: int, seed: int,
                    progress: bool = True) -> np.ndarray:
     """A seeded uniform sample of n token vectors, read shard by shard (only the rows needed)."""
     rng = np.random.default_rng(seed)
-    picked = sample_rows(shards, n, rng)
-    starts = np.concatenate([[0], np.cumsum([s["tokens"] for s in shards])])
-    out = []
-    for i, s in enumerate(tqdm(shards, desc="sample", unit="shard", leave=False, disable=not progress)):
-        rows = picked[(picked >= starts[i]) & (picked < starts[i + 1])] - starts[i]
-        if len(rows):
-            path = extract_dir / s["file"]
-            if not path.exists():
-                raise MLSMError(f"{path} is gone (deleted by --delete-hidden or make clean-hidden) and the dictionary "
-                                f"must be learnt again; re-extract with `mlsm extract --force`.")
-            out.append(read_rows(path, layer, rows))
-    sample = np.concatenate(out)
+    sample = read_sample(extract_dir, shards, sample_rows(shards, n, rng), layer, progress)
     return sample[rng.permutation(len(sample))]
 
 
