@@ -124,7 +124,8 @@ def _score(res: dict, metric: str) -> tuple[float, float]:
 
 
 def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, out: Path, timings: dict,
-                 plateau: dict | None = None, tag: str = "") -> None:
+                 plateau: dict | None = None, tag: str = "") -> Path:
+    """Write <out>/compare[-size][tag].md, .json and .png; returns that path without its suffix."""
     from pipeline.layer_report import markdown as layer_md
 
     tasks = sorted({r["task"] for r in rows})
@@ -163,6 +164,7 @@ def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, o
             "summary": r["result"]["summary"], "seeds": r["result"]["seeds"]} for r in rows],
          "layer_report": layer_rep, "plateau": plateau, "timings_s": timings}, indent=2, default=str), encoding="utf-8")
     plot(rows, tasks, out / f"compare{suffix}.png", size)
+    return out / f"compare{suffix}"
 
 
 def marginal_baselines(codes_h5: Path, max_tokens: int = 500_000) -> dict:
@@ -227,7 +229,7 @@ def seed_spread(rows: list[dict], tasks: list[str]) -> list[str]:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r["step"] == final:
-            groups.setdefault(r["run"].rsplit("-s", 1)[0] if r.get("pretrain_seed") else r["run"], []).append(r)
+            groups.setdefault(r["base_run"], []).append(r)
     groups = {b: g for b, g in groups.items() if len({r.get("pretrain_seed", 0) for r in g}) > 1}
     if not groups:
         return []
@@ -361,6 +363,7 @@ def run(args) -> None:
         if layer != L:
             runs[f"mlsm-L{layer}"] = ("mlsm", 0.0, layer, (1.0,))
     pretrain_seed = {name: 0 for name in runs}
+    base_run = {name: name for name in runs}
     # Fine-tuning seeds do not show how much the pre-training run itself varies: MLM and the MLSM
     # run of every layer are repeated with other seeds (init, masks, data order), final checkpoint only.
     for k in range(1, p["pretrain_seeds"]):
@@ -368,6 +371,7 @@ def run(args) -> None:
             objective, w, layer, _ = runs[base]
             runs[f"{base}-s{k}"] = (objective, w, layer, (1.0,))
             pretrain_seed[f"{base}-s{k}"] = k
+            base_run[f"{base}-s{k}"] = base
     if args.runs:
         wanted = [r for r in args.runs.split(",") if r]
         unknown = sorted(set(wanted) - set(runs))
@@ -401,13 +405,12 @@ def run(args) -> None:
             log.info("fine-tune %s step %d on %s", name, step, task.name)
             ft_dir = work / ("finetune" if name == "random-init" else f"finetune{tag}")  # random init: any budget
             res = finetune_cached(d, task, ft_dir / name / d.name / task.name, p)
-            rows.append({"run": name, "objective": label, "step": step, "task": task.name, "result": res,
-                         "pretrain_seed": pretrain_seed.get(name, 0)})
+            rows.append({"run": name, "base_run": base_run.get(name, name), "objective": label, "step": step,
+                         "task": task.name, "result": res, "pretrain_seed": pretrain_seed.get(name, 0)})
     timings["finetune"] = time.time() - t0
 
-    write_report(rows, layer_rep, p, args.size, args.out, timings, plateau, tag)
-    suffix = ("" if args.size == "cpu" else f"-{args.size}") + tag
-    log.info("wrote %s/compare%s.md, .json and .png", args.out, suffix)
+    stem = write_report(rows, layer_rep, p, args.size, args.out, timings, plateau, tag)
+    log.info("wrote %s.md, .json and .png", stem)
 
 
 if __name__ == "__main__":
