@@ -279,8 +279,9 @@ def _certify(X, D, Dt, ws, a, lam, dtype):
     return primal.float(), gap.float(), c.float()
 
 
-def _solve_chunk(X, D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter, fallback_steps, L, cert_dtype,
-                 stats):
+def _bpp_rounds(X, D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter, cert_dtype, stats):
+    """Working-set rounds with batched torch ops (the engine for GPUs). Returns dense codes, primal,
+    rel gap, rounds used and the rows still above tol."""
     B, K = X.shape[0], D.shape[1]
     dev = X.device
     C0 = X @ D
@@ -334,20 +335,24 @@ def _solve_chunk(X, D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter,
     codes = torch.zeros(B, K, dtype=torch.float32, device=dev)
     for r_, w_, a_ in parts:
         codes[r_[:, None], w_] = a_
+    return codes, primal, rel, n_iter, rows
+
+
+def _finish(X, D, lam, tol, codes, primal, rel, rows, fallback_steps, L, cert_dtype, stats):
+    """FISTA from the working-set codes for the rows still open (rare), then the optional float64 certificate."""
+    B = X.shape[0]
     if len(rows) and fallback_steps > 0:
-        log.debug("nn_lasso: %d rows above tol after %d working-set rounds; FISTA fallback", len(rows), n_iter)
+        log.debug("nn_lasso: %d rows above tol after the working-set rounds; FISTA fallback", len(rows))
         a, p, rr, steps = _fista_to_tol(X[rows], D, lam, codes[rows], tol, fallback_steps, L())
         stats["fallback_rows"] = stats.get("fallback_rows", 0) + len(rows)
-        if cert_dtype is not None and cert_dtype != D.dtype:
-            p, g = duality_gap(X[rows].to(cert_dtype), D.to(cert_dtype), a.to(cert_dtype), lam)
-            rr = g / p.clamp(min=_TINY)
         codes[rows], primal[rows], rel[rows] = a.float(), p.float(), rr.float()
         if bool((rr > tol).any()):
             log.warning("nn_lasso: %d of %d rows stopped above tol=%g (worst rel gap %.3g) after %d fallback steps",
                         int((rr > tol).sum()), B, tol, float(rr.max()), steps)
-    return codes, primal, rel, n_iter
-
-
+    if cert_dtype is not None and cert_dtype != torch.float32:
+        p, g = duality_gap(X.to(cert_dtype), D.to(cert_dtype), codes.to(cert_dtype), lam)
+        primal, rel = p.float(), (g / p.clamp(min=_TINY)).float()
+    return codes, primal, rel
 def nn_lasso(
     X: torch.Tensor,
     D: torch.Tensor,
@@ -356,8 +361,9 @@ def nn_lasso(
     max_iter: int = 20,
     gram: torch.Tensor | None = None,
     *,
-    ws_size: int = 16,
-    ws_grow: int = 16,
+    engine: str = "auto",
+    ws_size: int | None = None,
+    ws_grow: int | None = None,
     bpp_iter: int = 60,
     fallback_steps: int = 5000,
     chunk_size: int = 1024,
@@ -368,7 +374,11 @@ def nn_lasso(
     """Solve the non-negative lasso for every row of X to a certified relative duality gap `tol`.
 
     max_iter: working-set rounds before the FISTA fallback. gram: D^T D, to reuse across calls.
-    ws_size: atoms screened by correlation for the first round; ws_grow: atoms added per round.
+    engine: "active-set" (CPU: per-row compiled active sets, bf16 pricing with an exact certificate;
+    see pipeline/active_set.py), "bpp" (batched torch ops: the engine for GPUs, and any device), or
+    "auto" (active-set on CPU, bpp elsewhere).
+    ws_size: atoms screened by correlation for the first round; ws_grow: atoms added per round
+    (defaults per engine: 32/48 active-set, 16/16 bpp; each measured best on real states).
     fallback_steps: FISTA step budget for rows still open after max_iter rounds (0: none; their
     rel_gap then says how far they are). cert_dtype: dtype of the certificate (default float32;
     torch.float64 removes float32 rounding from it). Runs on the device of D.
@@ -383,6 +393,16 @@ def nn_lasso(
         raise ValueError(f"nn_lasso: need lam >= 0 and tol > 0, got lam={lam}, tol={tol}")
     if X.ndim != 2 or D.ndim != 2 or X.shape[1] != D.shape[0]:
         raise ValueError(f"nn_lasso: X {tuple(X.shape)} and D {tuple(D.shape)} do not match")
+    if engine == "auto":
+        engine = "active-set" if D.device.type == "cpu" else "bpp"
+    if engine not in ("active-set", "bpp"):
+        raise ValueError(f"nn_lasso: engine must be 'auto', 'active-set' or 'bpp', got {engine!r}")
+    if engine == "active-set" and D.device.type != "cpu":
+        raise ValueError("nn_lasso: the active-set engine runs on CPU; use engine='bpp' (or 'auto') on a GPU")
+    if ws_size is None:
+        ws_size = 32 if engine == "active-set" else 16
+    if ws_grow is None:
+        ws_grow = 48 if engine == "active-set" else 16
     D = D.float()
     X = X.to(device=D.device, dtype=torch.float32)
     if gram is None:
@@ -402,9 +422,23 @@ def nn_lasso(
     # Chunks never depend on `workers` or the thread count, so neither changes a single bit of the result.
     workers = max(1, min(int(workers), math.ceil(B / chunk_size)))
 
+    if engine == "active-set":
+        from pipeline import active_set  # numba compiles (or loads its cache) on first use
+
+        gram_np, Dt_np, D_bf16 = gram.numpy(), Dt.numpy(), D.to(torch.bfloat16)
+
+        def rounds(Xc):
+            codes, primal, rel, n_iter, rows = active_set.solve_chunk(Xc, Dt_np, D_bf16, gram_np, lam, tol, max_iter,
+                                                                       ws_size, ws_grow, _STATS)
+            return codes, primal, rel, n_iter, torch.from_numpy(rows)
+    else:
+        def rounds(Xc):
+            return _bpp_rounds(Xc, D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter, cert_dtype, _STATS)
+
     def solve(s: int):
-        return _solve_chunk(X[s:s + chunk_size], D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter,
-                            fallback_steps, L, cert_dtype, _STATS)
+        Xc = X[s:s + chunk_size]
+        codes, primal, rel, n_iter, rows = rounds(Xc)
+        return (*_finish(Xc, D, lam, tol, codes, primal, rel, rows, fallback_steps, L, cert_dtype, _STATS), n_iter)
 
     starts = range(0, B, chunk_size)
     bar = tqdm(total=len(starts), desc="nn_lasso", disable=not progress or len(starts) < 2, unit="chunk")

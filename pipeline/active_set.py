@@ -1,0 +1,467 @@
+"""CPU engine of `nn_lasso`: per-row active sets compiled with numba, certificates batched in bf16.
+
+The working-set rounds of `pipeline.solvers` stay: solve on a few hundred atoms, certify on the full
+dictionary, add the atoms most correlated with the residual, repeat. What changes on CPU is how
+each piece is done, because there the cost was never the flops:
+
+- The sub-problem is solved per row by Lawson-Hanson active sets (a few atoms enter at a time,
+  step back when one would go negative) on a Cholesky factor that is updated, not refactorised,
+  and carried from round to round. Gradients of the candidates come from `D^T r` with r kept in
+  d dimensions, so no Gram block is ever gathered; the Gram matrix is read only for the factor's
+  new columns.
+- The full-dictionary product `D^T r` that prices and certifies each round runs in bfloat16
+  (2.4x the float32 GEMM on AVX512-BF16). It is made exact where the certificate needs it: every
+  atom whose bf16 value could be the maximum, under a rigorous rounding bound, and every support
+  atom is recomputed from r in float64. So the certified gap is as exact as the float32 one.
+
+Everything that touches one row runs in one compiled loop (`nogil`), so threads over chunks scale.
+"""
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+import torch
+
+# |bf16(sum) - sum| <= U*|bf16(sum)| ... see _certify_select; the unit roundoff of bfloat16 is 2^-8.
+_BF16_U = 2.0 ** -8
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def _chol_append(L, n, col, qdd):
+    """Row n of the Cholesky factor when a column enters (col = Q[P, j]); returns the pivot squared."""
+    for i in range(n):
+        s = col[i]
+        for k in range(i):
+            s -= L[i, k] * L[n, k]
+        L[n, i] = s / L[i, i]
+    d = qdd
+    for k in range(n):
+        d -= L[n, k] * L[n, k]
+    return d
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def _chol_delete(L, n, k):
+    """Factor of Q without row/column k, in place: drop row k, Givens rotations restore the triangle."""
+    for i in range(k, n - 1):
+        for j in range(i + 2):
+            L[i, j] = L[i + 1, j]
+    for j in range(k, n - 1):
+        a = L[j, j]
+        b = L[j, j + 1]
+        r = math.sqrt(a * a + b * b)
+        c = a / r
+        s = b / r
+        for i in range(j, n - 1):
+            x = L[i, j]
+            y = L[i, j + 1]
+            L[i, j] = c * x + s * y
+            L[i, j + 1] = -s * x + c * y
+    for i in range(n):
+        L[i, n - 1] = 0.0
+        L[n - 1, i] = 0.0
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def _chol_solve(L, n, rhs, out):
+    """out = (L L^T)^{-1} rhs; the back substitution runs by rows of L so both passes stream."""
+    for i in range(n):
+        s = rhs[i]
+        for k in range(i):
+            s -= L[i, k] * out[k]
+        out[i] = s / L[i, i]
+    for i in range(n - 1, -1, -1):
+        xi = out[i] / L[i, i]
+        out[i] = xi
+        for k in range(i):
+            out[k] -= xi * L[i, k]
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def _residual(x, Dt, Widx, P, nP, a, resid):
+    """r = x - D_P a_P with the float32 values of a, i.e. the residual of the codes we output."""
+    for t in range(x.shape[0]):
+        resid[t] = x[t]
+    for k in range(nP):
+        p = P[k]
+        ap = np.float32(a[p])
+        row = Dt[Widx[p]]
+        for t in range(x.shape[0]):
+            resid[t] -= ap * row[t]
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def _dot32(u, v):
+    s = np.float32(0.0)
+    for t in range(u.shape[0]):
+        s += u[t] * v[t]
+    return s
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def _dot64(u, v):
+    s = 0.0
+    for t in range(u.shape[0]):
+        s += np.float64(u[t]) * np.float64(v[t])
+    return s
+
+
+@nb.njit(cache=True, nogil=True)
+def _round(X, Dt, gram, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, prev_L, cand, n_cand,
+           out_idx, out_a, out_b, out_n, out_L, R, qblock):
+    """One working-set round for each row: NNLS on (previous support + candidates), warm-started.
+
+    Row i of this round is chunk row rows[i]; its previous support, values, b = D^T x - lam and
+    packed factor are at slot[i] of the prev_* arrays. Writes the new support in factor order,
+    its packed factor, and the residual R[i]. Returns the number of active-set passes.
+    """
+    n = rows.shape[0]
+    K = gram.shape[0]
+    wmax = prev_idx.shape[1] + cand.shape[1]
+    mark = np.zeros(K, np.bool_)
+    Widx = np.empty(wmax, np.int64)
+    b = np.empty(wmax)
+    a = np.empty(wmax)
+    inP = np.empty(wmax, np.bool_)
+    blocked = np.empty(wmax, np.bool_)
+    P = np.empty(wmax, np.int64)
+    L = np.zeros((wmax + 1, wmax + 1))
+    bP = np.empty(wmax)
+    z = np.empty(wmax)
+    col = np.empty(wmax)
+    g = np.empty(wmax, np.float32)
+    added = np.empty(wmax, np.int64)
+    g_at = np.empty(wmax, np.float32)
+    path_at = np.empty(wmax)
+    d = X.shape[1]
+    r_prev = np.empty(d, np.float32)
+    passes = 0
+    for i in range(n):
+        x = X[rows[i]]
+        sl = slot[i]
+        ns = prev_n[sl]
+        for k in range(ns):
+            Widx[k] = prev_idx[sl, k]
+            a[k] = prev_a[sl, k]
+            b[k] = prev_b[sl, k]
+            mark[Widx[k]] = True
+            off = k * (k + 1) // 2
+            for kk in range(k + 1):
+                L[k, kk] = prev_L[sl, off + kk]
+            P[k] = k
+            inP[k] = True
+            blocked[k] = False
+        w = ns
+        for t in range(n_cand[i]):
+            j = cand[i, t]
+            if not mark[j]:
+                mark[j] = True
+                Widx[w] = j
+                a[w] = 0.0
+                b[w] = _dot64(Dt[j], x) - lam
+                inP[w] = False
+                blocked[w] = False
+                w += 1
+        bmax = 1e-30
+        for k in range(w):
+            mark[Widx[k]] = False
+            bmax = max(bmax, abs(b[k]))
+        eps = 1e-6 * bmax
+        nP = ns
+        resid = R[i]
+        _residual(x, Dt, Widx, P, nP, a, resid)
+        q = qblock
+        path = 0.0
+        for k in range(w):
+            g_at[k] = np.inf
+            path_at[k] = 0.0
+        for it in range(8 * w + 50):
+            passes += 1
+            for k in range(w):
+                if inP[k] or blocked[k]:
+                    g[k] = -1.0
+                elif g_at[k] + (path - path_at[k]) > eps:
+                    # |d.r' - d.r| <= ||r' - r|| for a unit atom: only a candidate whose last gradient
+                    # plus the residual's path length since then reaches eps can be a violator now.
+                    g_at[k] = _dot32(Dt[Widx[k]], resid) - lam
+                    path_at[k] = path
+                    g[k] = g_at[k]
+                else:
+                    g[k] = -1.0
+            # Enter up to q violators, largest gradient first.
+            nadd = 0
+            q_now = q
+            j = -1
+            for t in range(q_now):
+                best = eps
+                j = -1
+                for k in range(w):
+                    if g[k] > best:
+                        best = g[k]
+                        j = k
+                if j < 0:
+                    break
+                g[j] = -1.0
+                row = gram[Widx[j]]
+                for k in range(nP):
+                    col[k] = row[Widx[P[k]]]
+                qjj = row[Widx[j]]
+                dd = _chol_append(L, nP, col, qjj)
+                if dd <= 1e-10 * qjj:  # (nearly) in the span of the support: leave it out
+                    blocked[j] = True
+                    continue
+                L[nP, nP] = math.sqrt(dd)
+                P[nP] = j
+                inP[j] = True
+                nP += 1
+                a[j] = 0.0
+                added[nadd] = j
+                nadd += 1
+            if nadd == 0:
+                if j < 0:
+                    break
+                continue
+            # Lawson-Hanson: solve on P; if some value is not positive, step back to the boundary and drop it.
+            for inner in range(w + 5):
+                for k in range(nP):
+                    bP[k] = b[P[k]]
+                _chol_solve(L, nP, bP, z)
+                zmin = 1.0
+                for k in range(nP):
+                    zmin = min(zmin, z[k])
+                if zmin > 0:
+                    for k in range(nP):
+                        a[P[k]] = z[k]
+                    break
+                alpha = 1.0
+                for k in range(nP):
+                    if z[k] <= 0:
+                        ak = a[P[k]]
+                        alpha = min(alpha, ak / (ak - z[k]))
+                for k in range(nP):
+                    a[P[k]] += alpha * (z[k] - a[P[k]])
+                k = nP - 1
+                while k >= 0:
+                    p = P[k]
+                    if a[p] <= 1e-12 * bmax:
+                        a[p] = 0.0
+                        _chol_delete(L, nP, k)
+                        for kk in range(k, nP - 1):
+                            P[kk] = P[kk + 1]
+                        nP -= 1
+                        inP[p] = False
+                        g_at[p] = np.inf
+                        for t in range(nadd):
+                            if added[t] == p:
+                                # An atom entered and left at once: enter fewer at a time; one at a
+                                # time (plain Lawson-Hanson) it may not come back in this round.
+                                if q_now == 1:
+                                    blocked[p] = True
+                                q = max(1, q_now // 2)
+                    k -= 1
+            for t in range(d):
+                r_prev[t] = resid[t]
+            _residual(x, Dt, Widx, P, nP, a, resid)
+            step = 0.0
+            for t in range(d):
+                step += (resid[t] - r_prev[t]) ** 2
+            path += 1.0001 * math.sqrt(step) + 1e-7
+        out_n[i] = nP
+        for k in range(nP):
+            p = P[k]
+            out_idx[i, k] = Widx[p]
+            out_a[i, k] = a[p]
+            out_b[i, k] = b[p]
+            off = k * (k + 1) // 2
+            for kk in range(k + 1):
+                out_L[i, off + kk] = L[k, kk]
+    return passes
+
+
+@nb.njit(cache=True, nogil=True)
+def _top_outside(c, idx, n_sup, g, cand, n_cand, mark, hv, hi):
+    """The g largest entries of c outside idx[:n_sup] (a min-heap; unsorted)."""
+    for k in range(n_sup):
+        mark[idx[k]] = True
+    n = 0
+    for j in range(c.shape[0]):
+        v = c[j]
+        if mark[j] or (n == g and v <= hv[0]):
+            continue
+        if n < g:
+            k = n
+            n += 1
+            while k > 0:
+                par = (k - 1) // 2
+                if hv[par] <= v:
+                    break
+                hv[k] = hv[par]
+                hi[k] = hi[par]
+                k = par
+        else:
+            k = 0
+            while True:
+                m = 2 * k + 1
+                if m >= g:
+                    break
+                if m + 1 < g and hv[m + 1] < hv[m]:
+                    m += 1
+                if hv[m] >= v:
+                    break
+                hv[k] = hv[m]
+                hi[k] = hi[m]
+                k = m
+        hv[k] = v
+        hi[k] = j
+    for k in range(n):
+        cand[k] = hi[k]
+    n_cand[0] = n
+    for k in range(n_sup):
+        mark[idx[k]] = False
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def _bf16_row(bits, bits32):
+    """A row of bfloat16 (as int16 bits) widened to float32 in a scratch buffer: saves torch's
+    full-size float32 copy of C, which is written and read back once per round."""
+    for j in range(bits.shape[0]):
+        bits32[j] = np.uint32(np.uint16(bits[j])) << 16
+    return bits32.view(np.float32)
+
+
+@nb.njit(cache=True, nogil=True)
+def _select(C16, g, cand, n_cand):
+    """Initial candidates: the top g of each row of C."""
+    mark = np.zeros(C16.shape[1], np.bool_)
+    hv = np.empty(max(g, 1), np.float32)
+    hi = np.empty(max(g, 1), np.int64)
+    bits32 = np.empty(C16.shape[1], np.uint32)
+    empty = np.empty(0, np.int32)
+    for i in range(C16.shape[0]):
+        _top_outside(_bf16_row(C16[i], bits32), empty, 0, g, cand[i], n_cand[i:i + 1], mark, hv, hi)
+
+
+@nb.njit(cache=True, nogil=True, fastmath=False)
+def _gap(rn2, ac, a, c_sup, ns, cmax, lam):
+    """solvers._gap_terms for one row: the best scale s of the residual, clipped to dual feasibility."""
+    s_max = lam / cmax if cmax > 0 else np.inf
+    s = 1.0 + ac / rn2 if rn2 > 1e-12 else 1.0
+    s = min(max(s, 0.0), s_max)
+    lam_minus = 0.0
+    for k in range(ns):
+        lam_minus += np.float64(np.float32(a[k])) * (lam - s * c_sup[k])
+    return max(0.5 * (1.0 - s) ** 2 * rn2 + lam_minus, 0.0)
+
+
+@nb.njit(cache=True, nogil=True)
+def _certify_select(R, C16, Dt, lam, idx, a, n_sup, g, cand, n_cand, primal, gap, tol, exact):
+    """Duality gap of each row's codes against the FULL dictionary, and the next candidates.
+
+    C holds D^T r from a bfloat16 GEMM with float32 accumulation. Its error is bounded by
+        |c_j - C_j| <= u/(1-u)*|C_j| + ((2u + u^2)*(1 + 1e-4) + 2.5e-5)*||r||,  u = 2^-8,
+    (output rounding; bf16 rounding of d_j and r with ||d_j|| = 1; float32 accumulation over
+    d <= 1024 terms), which we round up to 0.0045*|C_j| + 0.0085*||r||. Every atom whose upper
+    bound reaches the largest lower bound is recomputed exactly, so max_j c_j is exact; so is
+    c_j on the support. The gap formula is `solvers._gap_terms` (see there for the derivation).
+    """
+    n, K = C16.shape
+    mark = np.zeros(K, np.bool_)
+    bits32 = np.empty(K, np.uint32)
+    hv = np.empty(max(g, 1), np.float32)
+    hi = np.empty(max(g, 1), np.int64)
+    c_sup = np.empty(idx.shape[1])
+    for i in range(n):
+        r = R[i]
+        rn2 = _dot64(r, r)
+        e0 = 0.0085 * math.sqrt(rn2) + 1e-30
+        ac = 0.0
+        al1 = 0.0
+        cmax = -np.inf
+        ns = n_sup[i]
+        for k in range(ns):
+            aj = np.float64(np.float32(a[i, k]))
+            cj = _dot64(Dt[idx[i, k]], r)
+            c_sup[k] = cj
+            ac += aj * cj
+            al1 += aj
+            cmax = max(cmax, cj)
+        ci = _bf16_row(C16[i], bits32)
+        lo = -np.inf
+        for j in range(K):
+            lo = max(lo, ci[j] - 0.0045 * abs(ci[j]) - e0)
+        primal[i] = 0.5 * rn2 + lam * al1
+        # The gap only grows with max_j c_j, so a lower bound of the max gives a lower bound of the
+        # gap: rows that fail even then are open, and their exact max is not needed (yet).
+        gap[i] = _gap(rn2, ac, a[i], c_sup, ns, max(cmax, lo), lam)
+        if gap[i] > tol * primal[i] and not exact:
+            gap[i] = np.inf
+        else:
+            thr = max(lo, cmax)  # the support's exact max is a lower bound of the max, often a better one
+            for j in range(K):
+                if ci[j] + 0.0045 * abs(ci[j]) + e0 >= thr:
+                    cmax = max(cmax, _dot64(Dt[j], r))
+            gap[i] = _gap(rn2, ac, a[i], c_sup, ns, cmax, lam)
+        if g > 0:
+            _top_outside(ci, idx[i], ns, g, cand[i], n_cand[i:i + 1], mark, hv, hi)
+
+
+def solve_chunk(X: torch.Tensor, Dt32: np.ndarray, D_bf16: torch.Tensor, gram: np.ndarray, lam: float, tol: float,
+                max_iter: int, ws_size: int, ws_grow: int, stats: dict, qblock: int = 8):
+    """Working-set rounds for one chunk of rows (float32, CPU). Returns dense codes, primal, rel gap,
+    rounds used and the rows still above tol (for the caller's fallback)."""
+    B, K = X.shape[0], gram.shape[0]
+    Xn = np.ascontiguousarray(X.numpy(), dtype=np.float32)
+    C = (X.to(torch.bfloat16) @ D_bf16).view(torch.int16).numpy()
+    g0 = min(ws_size, K)
+    cand = np.empty((B, max(g0, ws_grow)), np.int32)
+    n_cand = np.zeros(B, np.int64)
+    _select(C, g0, cand, n_cand)
+    rows = np.arange(B, dtype=np.int64)
+    slot = np.zeros(B, dtype=np.int64)
+    prev_idx, prev_a, prev_b = np.zeros((1, 0), np.int32), np.zeros((1, 0)), np.zeros((1, 0))
+    prev_n, prev_L = np.zeros(1, np.int64), np.zeros((1, 0))
+    codes = torch.zeros(B, K, dtype=torch.float32)
+    primal = np.zeros(B)
+    rel = np.full(B, np.inf)
+    n_iter = 0
+    for it in range(max_iter):
+        n_iter = it + 1
+        n = len(rows)
+        width = min(K, int(prev_n[slot].max(initial=0)) + int(n_cand.max(initial=0)))
+        out_idx = np.empty((n, width), np.int32)
+        out_a = np.empty((n, width))
+        out_b = np.empty((n, width))
+        out_n = np.empty(n, np.int64)
+        out_L = np.empty((n, width * (width + 1) // 2))  # only the touched prefix of a row is ever committed
+        R = np.empty((n, Xn.shape[1]), np.float32)
+        stats["passes"] = stats.get("passes", 0) + _round(
+            Xn, Dt32, gram, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, prev_L, cand, n_cand,
+            out_idx, out_a, out_b, out_n, out_L, R, qblock)
+        stats["row_rounds"] = stats.get("row_rounds", 0) + n
+        C = (torch.from_numpy(R).to(torch.bfloat16) @ D_bf16).view(torch.int16).numpy()
+        cand = np.empty((n, ws_grow), np.int32)
+        n_cand = np.zeros(n, np.int64)
+        p, gp = np.empty(n), np.empty(n)
+        last = it == max_iter - 1
+        _certify_select(R, C, Dt32, lam, out_idx, out_a, out_n, 0 if last else ws_grow, cand, n_cand, p, gp, tol,
+                        last)
+        rr = gp / np.maximum(p, 1e-12)
+        primal[rows], rel[rows] = p, rr
+        open_ = rr > tol
+        done = np.arange(n) if last else np.flatnonzero(~open_)  # the last round hands back open rows too
+        if len(done):
+            nd = out_n[done]
+            ri = np.repeat(rows[done], nd)
+            mask = np.arange(width)[None, :] < nd[:, None]
+            codes[torch.from_numpy(ri), torch.from_numpy(out_idx[done][mask].astype(np.int64))] = \
+                torch.from_numpy(out_a[done][mask].astype(np.float32))
+        if last or not open_.any():
+            rows = rows[open_]
+            break
+        keep = np.flatnonzero(open_)
+        rows, slot = rows[keep], keep
+        cand, n_cand = cand[keep], n_cand[keep]
+        prev_idx, prev_a, prev_b, prev_n, prev_L = out_idx, out_a, out_b, out_n, out_L
+    return codes, torch.from_numpy(primal).float(), torch.from_numpy(rel).float(), n_iter, rows
