@@ -101,6 +101,14 @@ def _dot32(u, v):
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
+def _max32(u):
+    m = u[0]
+    for t in range(1, u.shape[0]):
+        m = max(m, u[t])
+    return m
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
 def _dot64(u, v):
     s = 0.0
     for t in range(u.shape[0]):
@@ -109,13 +117,14 @@ def _dot64(u, v):
 
 
 @nb.njit(cache=True, nogil=True)
-def _round(X, Dt, gram, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, prev_L, cand, n_cand,
-           out_idx, out_a, out_b, out_n, out_L, R, qblock):
+def _round(X, Dt, gram, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, prev_L, prev_off, cand, n_cand,
+           out_idx, out_a, out_b, out_n, out_L, out_off, R, qblock):
     """One working-set round for each row: NNLS on (previous support + candidates), warm-started.
 
     Row i of this round is chunk row rows[i]; its previous support, values, b = D^T x - lam and
     packed factor are at slot[i] of the prev_* arrays. Writes the new support in factor order,
-    its packed factor, and the residual R[i]. Returns the number of active-set passes.
+    its packed factor (rows after one another from out_off[i], so the buffer is used densely and
+    can be reused round after round) and the residual R[i]. Returns the number of active-set passes.
     """
     n = rows.shape[0]
     K = gram.shape[0]
@@ -138,6 +147,7 @@ def _round(X, Dt, gram, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, prev_
     d = X.shape[1]
     r_prev = np.empty(d, np.float32)
     passes = 0
+    pos = 0
     for i in range(n):
         x = X[rows[i]]
         sl = slot[i]
@@ -147,9 +157,9 @@ def _round(X, Dt, gram, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, prev_
             a[k] = prev_a[sl, k]
             b[k] = prev_b[sl, k]
             mark[Widx[k]] = True
-            off = k * (k + 1) // 2
+            off = prev_off[sl] + k * (k + 1) // 2
             for kk in range(k + 1):
-                L[k, kk] = prev_L[sl, off + kk]
+                L[k, kk] = prev_L[off + kk]
             P[k] = k
             inP[k] = True
             blocked[k] = False
@@ -269,14 +279,16 @@ def _round(X, Dt, gram, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, prev_
                 step += (resid[t] - r_prev[t]) ** 2
             path += 1.0001 * math.sqrt(step) + 1e-7
         out_n[i] = nP
+        out_off[i] = pos
         for k in range(nP):
             p = P[k]
             out_idx[i, k] = Widx[p]
             out_a[i, k] = a[p]
             out_b[i, k] = b[p]
-            off = k * (k + 1) // 2
+            off = pos + k * (k + 1) // 2
             for kk in range(k + 1):
-                out_L[i, off + kk] = L[k, kk]
+                out_L[off + kk] = L[k, kk]
+        pos += nP * (nP + 1) // 2
     return passes
 
 
@@ -288,7 +300,7 @@ def _top_outside(c, idx, n_sup, g, cand, n_cand, mark, hv, hi):
     n = 0
     for j in range(c.shape[0]):
         v = c[j]
-        if mark[j] or (n == g and v <= hv[0]):
+        if (n == g and v <= hv[0]) or mark[j]:
             continue
         if n < g:
             k = n
@@ -388,22 +400,26 @@ def _certify_select(R, C16, Dt, lam, idx, a, n_sup, g, cand, n_cand, primal, gap
             al1 += aj
             cmax = max(cmax, cj)
         ci = _bf16_row(C16[i], bits32)
-        lo = -np.inf
-        for j in range(K):
-            lo = max(lo, ci[j] - 0.0045 * abs(ci[j]) - e0)
+        # Both bounds are increasing in C_j, so the largest lower bound is that of max_j C_j, and
+        # "upper bound >= thr" is a plain threshold on C_j.
+        cm = _max32(ci)
+        lo = cm - 0.0045 * abs(cm) - e0
         primal[i] = 0.5 * rn2 + lam * al1
         # The gap only grows with max_j c_j, so a lower bound of the max gives a lower bound of the
         # gap: rows that fail even then are open, and their exact max is not needed (yet).
         gap[i] = _gap(rn2, ac, a[i], c_sup, ns, max(cmax, lo), lam)
-        if gap[i] > tol * primal[i] and not exact:
+        is_open = gap[i] > tol * primal[i]
+        if is_open and not exact:
             gap[i] = np.inf
         else:
-            thr = max(lo, cmax)  # the support's exact max is a lower bound of the max, often a better one
+            t = max(lo, cmax) - e0  # the support's exact max is a lower bound of the max, often a better one
+            t = (t / 1.0045 if t >= 0 else t / 0.9955) - 1e-6 * abs(t) - 1e-12
             for j in range(K):
-                if ci[j] + 0.0045 * abs(ci[j]) + e0 >= thr:
+                if ci[j] >= t:
                     cmax = max(cmax, _dot64(Dt[j], r))
             gap[i] = _gap(rn2, ac, a[i], c_sup, ns, cmax, lam)
-        if g > 0:
+            is_open = gap[i] > tol * primal[i]
+        if g > 0 and is_open:
             _top_outside(ci, idx[i], ns, g, cand[i], n_cand[i:i + 1], mark, hv, hi)
 
 
@@ -421,7 +437,8 @@ def solve_chunk(X: torch.Tensor, Dt32: np.ndarray, D_bf16: torch.Tensor, gram: n
     rows = np.arange(B, dtype=np.int64)
     slot = np.zeros(B, dtype=np.int64)
     prev_idx, prev_a, prev_b = np.zeros((1, 0), np.int32), np.zeros((1, 0)), np.zeros((1, 0))
-    prev_n, prev_L = np.zeros(1, np.int64), np.zeros((1, 0))
+    prev_n, prev_off = np.zeros(1, np.int64), np.zeros(1, np.int64)
+    L_bufs = [np.empty(0), np.empty(0)]  # packed factors: this round's and the previous one's, reused
     codes = torch.zeros(B, K, dtype=torch.float32)
     primal = np.zeros(B)
     rel = np.full(B, np.inf)
@@ -434,11 +451,15 @@ def solve_chunk(X: torch.Tensor, Dt32: np.ndarray, D_bf16: torch.Tensor, gram: n
         out_a = np.empty((n, width))
         out_b = np.empty((n, width))
         out_n = np.empty(n, np.int64)
-        out_L = np.empty((n, width * (width + 1) // 2))  # only the touched prefix of a row is ever committed
+        w_row = np.minimum(prev_n[slot] + n_cand, K)
+        need = int((w_row * (w_row + 1) // 2).sum())
+        if len(L_bufs[it % 2]) < need:
+            L_bufs[it % 2] = np.empty(need + need // 4)
+        out_L, out_off = L_bufs[it % 2], np.empty(n, np.int64)
         R = np.empty((n, Xn.shape[1]), np.float32)
         stats["passes"] = stats.get("passes", 0) + _round(
-            Xn, Dt32, gram, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, prev_L, cand, n_cand,
-            out_idx, out_a, out_b, out_n, out_L, R, qblock)
+            Xn, Dt32, gram, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, L_bufs[(it + 1) % 2], prev_off, cand,
+            n_cand, out_idx, out_a, out_b, out_n, out_L, out_off, R, qblock)
         stats["row_rounds"] = stats.get("row_rounds", 0) + n
         C = (torch.from_numpy(R).to(torch.bfloat16) @ D_bf16).view(torch.int16).numpy()
         cand = np.empty((n, ws_grow), np.int32)
@@ -463,5 +484,5 @@ def solve_chunk(X: torch.Tensor, Dt32: np.ndarray, D_bf16: torch.Tensor, gram: n
         keep = np.flatnonzero(open_)
         rows, slot = rows[keep], keep
         cand, n_cand = cand[keep], n_cand[keep]
-        prev_idx, prev_a, prev_b, prev_n, prev_L = out_idx, out_a, out_b, out_n, out_L
+        prev_idx, prev_a, prev_b, prev_n, prev_off = out_idx, out_a, out_b, out_n, out_off
     return codes, torch.from_numpy(primal).float(), torch.from_numpy(rel).float(), n_iter, rows
