@@ -19,6 +19,7 @@ Everything that touches one row runs in one compiled loop (`nogil`), so threads 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numba as nb
 import numpy as np
@@ -117,7 +118,7 @@ def _dot64(u, v):
 
 
 @nb.njit(cache=True, nogil=True)
-def _round(X, Dt, gram, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, prev_L, prev_off, cand, n_cand,
+def _round(X, Dt, gram, dmax, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, prev_L, prev_off, cand, n_cand,
            out_idx, out_a, out_b, out_n, out_L, out_off, R, qblock):
     """One working-set round for each row: NNLS on (previous support + candidates), warm-started.
 
@@ -193,8 +194,8 @@ def _round(X, Dt, gram, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, prev_
                 if inP[k] or blocked[k]:
                     g[k] = -1.0
                 elif g_at[k] + (path - path_at[k]) > eps:
-                    # |d.r' - d.r| <= ||r' - r|| for a unit atom: only a candidate whose last gradient
-                    # plus the residual's path length since then reaches eps can be a violator now.
+                    # |d.r' - d.r| <= ||d|| ||r' - r||: only a candidate whose last gradient plus the
+                    # residual's path length (times dmax) since then reaches eps can be a violator now.
                     g_at[k] = _dot32(Dt[Widx[k]], resid) - lam
                     path_at[k] = path
                     g[k] = g_at[k]
@@ -277,7 +278,7 @@ def _round(X, Dt, gram, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, prev_
             step = 0.0
             for t in range(d):
                 step += (resid[t] - r_prev[t]) ** 2
-            path += 1.0001 * math.sqrt(step) + 1e-7
+            path += dmax * math.sqrt(step) + 1e-7
         out_n[i] = nP
         out_off[i] = pos
         for k in range(nP):
@@ -368,13 +369,13 @@ def _gap(rn2, ac, a, c_sup, ns, cmax, lam):
 
 
 @nb.njit(cache=True, nogil=True)
-def _certify_select(R, C16, Dt, lam, idx, a, n_sup, g, cand, n_cand, primal, gap, tol, exact):
+def _certify_select(R, C16, Dt, dmax, lam, idx, a, n_sup, g, cand, n_cand, primal, gap, tol, exact):
     """Duality gap of each row's codes against the FULL dictionary, and the next candidates.
 
     C holds D^T r from a bfloat16 GEMM with float32 accumulation. Its error is bounded by
         |c_j - C_j| <= u/(1-u)*|C_j| + ((2u + u^2)*(1 + 1e-4) + 2.5e-5)*||r||,  u = 2^-8,
-    (output rounding; bf16 rounding of d_j and r with ||d_j|| = 1; float32 accumulation over
-    d <= 1024 terms), which we round up to 0.0045*|C_j| + 0.0085*||r||. Every atom whose upper
+    (output rounding; bf16 rounding of d_j and r, sum |d_jt r_t| <= ||d_j|| ||r||, ||d_j|| <= dmax;
+    float32 accumulation over d <= 1024 terms), which we round up to 0.0045*|C_j| + 0.0085*dmax*||r||. Every atom whose upper
     bound reaches the largest lower bound is recomputed exactly, so max_j c_j is exact; so is
     c_j on the support. The gap formula is `solvers._gap_terms` (see there for the derivation).
     """
@@ -387,7 +388,7 @@ def _certify_select(R, C16, Dt, lam, idx, a, n_sup, g, cand, n_cand, primal, gap
     for i in range(n):
         r = R[i]
         rn2 = _dot64(r, r)
-        e0 = 0.0085 * math.sqrt(rn2) + 1e-30
+        e0 = 0.0085 * dmax * math.sqrt(rn2) + 1e-30
         ac = 0.0
         al1 = 0.0
         cmax = -np.inf
@@ -423,10 +424,29 @@ def _certify_select(R, C16, Dt, lam, idx, a, n_sup, g, cand, n_cand, primal, gap
             _top_outside(ci, idx[i], ns, g, cand[i], n_cand[i:i + 1], mark, hv, hi)
 
 
-def solve_chunk(X: torch.Tensor, Dt32: np.ndarray, D_bf16: torch.Tensor, gram: np.ndarray, lam: float, tol: float,
-                max_iter: int, ws_size: int, ws_grow: int, stats: dict, qblock: int = 8):
+class Dictionary(NamedTuple):
+    """The forms of D the engine reads, made once per nn_lasso call."""
+    Dt: np.ndarray  # (K, d) float32: rows are atoms, for the per-row dot products
+    D_bf16: torch.Tensor  # (d, K) bfloat16: the pricing GEMM
+    gram: np.ndarray  # (K, K) float32: columns of the factor
+    dmax: float  # largest atom norm (1 for a unit-norm dictionary), in every rounding bound
+
+
+def prepare(D: torch.Tensor, gram: torch.Tensor) -> Dictionary:
+    Dt = np.ascontiguousarray(D.T.numpy(), dtype=np.float32)
+    dmax = float(np.sqrt((Dt.astype(np.float64) ** 2).sum(1).max(initial=0.0))) * (1 + 1e-6)
+    return Dictionary(Dt, D.to(torch.bfloat16), np.ascontiguousarray(gram.numpy(), dtype=np.float32), dmax)
+
+
+def solve_chunk(X: torch.Tensor, dic: Dictionary, lam: float, tol: float, max_iter: int, ws_size: int, ws_grow: int,
+                stats: dict, qblock: int = 8):
     """Working-set rounds for one chunk of rows (float32, CPU). Returns dense codes, primal, rel gap,
-    rounds used and the rows still above tol (for the caller's fallback)."""
+    rounds used and the rows still above tol (for the caller's fallback).
+
+    qblock: atoms entered per active-set pass (halved for the row whenever one enters and leaves at
+    once); 8 measured best of 4/8/16/64 on real states.
+    """
+    Dt32, D_bf16, gram, dmax = dic
     B, K = X.shape[0], gram.shape[0]
     Xn = np.ascontiguousarray(X.numpy(), dtype=np.float32)
     C = (X.to(torch.bfloat16) @ D_bf16).view(torch.int16).numpy()
@@ -458,7 +478,7 @@ def solve_chunk(X: torch.Tensor, Dt32: np.ndarray, D_bf16: torch.Tensor, gram: n
         out_L, out_off = L_bufs[it % 2], np.empty(n, np.int64)
         R = np.empty((n, Xn.shape[1]), np.float32)
         stats["passes"] = stats.get("passes", 0) + _round(
-            Xn, Dt32, gram, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, L_bufs[(it + 1) % 2], prev_off, cand,
+            Xn, Dt32, gram, dmax, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, L_bufs[(it + 1) % 2], prev_off, cand,
             n_cand, out_idx, out_a, out_b, out_n, out_L, out_off, R, qblock)
         stats["row_rounds"] = stats.get("row_rounds", 0) + n
         C = (torch.from_numpy(R).to(torch.bfloat16) @ D_bf16).view(torch.int16).numpy()
@@ -466,7 +486,7 @@ def solve_chunk(X: torch.Tensor, Dt32: np.ndarray, D_bf16: torch.Tensor, gram: n
         n_cand = np.zeros(n, np.int64)
         p, gp = np.empty(n), np.empty(n)
         last = it == max_iter - 1
-        _certify_select(R, C, Dt32, lam, out_idx, out_a, out_n, 0 if last else ws_grow, cand, n_cand, p, gp, tol,
+        _certify_select(R, C, Dt32, dmax, lam, out_idx, out_a, out_n, 0 if last else ws_grow, cand, n_cand, p, gp, tol,
                         last)
         rr = gp / np.maximum(p, 1e-12)
         primal[rows], rel[rows] = p, rr

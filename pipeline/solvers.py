@@ -14,16 +14,18 @@ a sum of non-negative terms (no cancellation). It is minimised over s at s = 1 +
 we clip to [0, s_max]; at the optimum s = 1 and the gap is 0.
 
 Method (`nn_lasso`): working sets. Screen the top-m atoms of each row by correlation, solve the
-m-atom problem exactly on the Gram sub-matrix with batched block principal pivoting (Kim & Park's
-NNLS active-set method), certify on the FULL dictionary (one B x d x K matmul per round: it is also
+m-atom problem exactly, certify on the FULL dictionary (one B x d x K matmul per round: it is also
 the pricing step), and for rows above tolerance re-solve with their support plus the atoms most
 correlated with the residual. Rows still above tolerance after `max_iter` rounds get
 full-dictionary FISTA, warm-started, until the tolerance or a stall.
 
-Why this shape: on CPU the cost is memory traffic and per-matrix LAPACK calls, not flops, so the
-sub-problems stay small (support + 16 atoms) and rows are bucketed by size. Correlation screening
-is poor on real hidden states (anisotropic: most atoms correlate with the common direction), so
-several rounds are normal; each is cheap.
+Two engines run the rounds. "active-set" (CPU, pipeline/active_set.py): per-row Lawson-Hanson on
+carried Cholesky factors, compiled with numba; pricing in bf16 with an exact certificate.
+"bpp" (here; the GPU engine): batched block principal pivoting (Kim & Park's NNLS active-set
+method) on Gram sub-matrices. On CPU the cost is memory traffic and per-matrix LAPACK calls, not
+flops, so its sub-problems stay small (support + 16 atoms) and rows are bucketed by size.
+Correlation screening is poor on real hidden states (anisotropic: most atoms correlate with the
+common direction), so several rounds are normal; each is cheap.
 
 Precision: everything is float32. The certificate is then exact up to float32 rounding, about
 1e-6 relative; ask for tol >= 1e-5 (cert_dtype=torch.float64 makes the certificate itself exact).
@@ -353,6 +355,11 @@ def _finish(X, D, lam, tol, codes, primal, rel, rows, fallback_steps, L, cert_dt
         p, g = duality_gap(X.to(cert_dtype), D.to(cert_dtype), codes.to(cert_dtype), lam)
         primal, rel = p.float(), (g / p.clamp(min=_TINY)).float()
     return codes, primal, rel
+def auto_engine(device_type: str) -> str:
+    """The engine nn_lasso picks by default on a device type ("cpu", "cuda", ...)."""
+    return "active-set" if device_type == "cpu" else "bpp"
+
+
 def nn_lasso(
     X: torch.Tensor,
     D: torch.Tensor,
@@ -383,18 +390,17 @@ def nn_lasso(
     rel_gap then says how far they are). cert_dtype: dtype of the certificate (default float32;
     torch.float64 removes float32 rounding from it). Runs on the device of D.
     workers: CPU only; chunks are solved by this many threads, each running torch single-threaded
-    (default: torch.get_num_threads()). The per-round work is many small ops (gathers, batched
-    Cholesky of ~60x60) that intra-op threading splits badly, so whole chunks per core scale better.
+    (default: torch.get_num_threads()). The per-round work is many small per-row steps that
+    intra-op threading splits badly, so whole chunks per core scale better.
     Chunks of `chunk_size` rows are the unit of work: 1024 halves the per-round Python/dispatch
-    overhead of 512 (~10% more vec/s on real states) and still gives a 2048-row batch (dictionary
-    learning) one chunk per core; larger chunks leave cores idle and spill the working arrays.
+    overhead of 512 and still gives a 2048-row batch (dictionary learning) one chunk per core.
     """
     if lam < 0 or not tol > 0:
         raise ValueError(f"nn_lasso: need lam >= 0 and tol > 0, got lam={lam}, tol={tol}")
     if X.ndim != 2 or D.ndim != 2 or X.shape[1] != D.shape[0]:
         raise ValueError(f"nn_lasso: X {tuple(X.shape)} and D {tuple(D.shape)} do not match")
     if engine == "auto":
-        engine = "active-set" if D.device.type == "cpu" else "bpp"
+        engine = auto_engine(D.device.type)
     if engine not in ("active-set", "bpp"):
         raise ValueError(f"nn_lasso: engine must be 'auto', 'active-set' or 'bpp', got {engine!r}")
     if engine == "active-set" and D.device.type != "cpu":
@@ -425,11 +431,11 @@ def nn_lasso(
     if engine == "active-set":
         from pipeline import active_set  # numba compiles (or loads its cache) on first use
 
-        gram_np, Dt_np, D_bf16 = gram.numpy(), Dt.numpy(), D.to(torch.bfloat16)
+        dic = active_set.prepare(D, gram)
 
         def rounds(Xc):
-            codes, primal, rel, n_iter, rows = active_set.solve_chunk(Xc, Dt_np, D_bf16, gram_np, lam, tol, max_iter,
-                                                                       ws_size, ws_grow, _STATS)
+            codes, primal, rel, n_iter, rows = active_set.solve_chunk(Xc, dic, lam, tol, max_iter, ws_size, ws_grow,
+                                                                       _STATS)
             return codes, primal, rel, n_iter, torch.from_numpy(rows)
     else:
         def rounds(Xc):

@@ -32,11 +32,12 @@ from mlsm.manifest import (
 )
 from pipeline.codes import dense_to_csr, merge_parts, part_rows, top_k_codes, write_part
 from pipeline.shards import iter_shard_batches, read_rows
+from pipeline.solvers import auto_engine, nn_lasso
 from pipeline.workers import Worker, finish, merge_once, prepare_shared_stage, read_records, resolve_worker
 
 log = logging.getLogger(__name__)
 
-SOLVER_NAME = "nn_lasso: working set + certified duality gap"
+SOLVER_NAME = "nn_lasso: working set + certified duality gap"  # the engine that ran is in report.engine
 WORKERS_DIR = "workers"
 
 
@@ -142,8 +143,6 @@ def _shared_dictionary(worker: Worker, dictionary_only: bool, out_dir, dict_key,
 
 
 def _code_shard(extract_dir, shard, part, layer, D, gram, lam, tol, batch_size, top_k, value_dtype, dev, bar):
-    from pipeline.solvers import nn_lasso
-
     toks, seqs, counts, idx, vals, gaps, recon = [], [], [], [], [], [], []
     for rg in iter_shard_batches(extract_dir / shard["file"], layer):
         toks.append(rg["token_id"])
@@ -335,6 +334,7 @@ def _merge_codes(extract_dir: Path, out_dir: Path) -> dict | None:
         "coding_s": t_code,
         "coding_tokens_per_s": round(coded / t_code, 1) if coded and t_code > 0 else None,
         "device": ",".join(sorted({r["device"] for r in records})),
+        "engine": ",".join(sorted({auto_engine(torch.device(r["device"]).type) for r in records})),
         "workers": len(records),
     }
     manifest = dict(progress_doc)

@@ -1,4 +1,4 @@
-"""nn_lasso against a slow float64 reference, the duality-gap certificate, and fista_fixed."""
+"""nn_lasso (both engines) against a slow float64 reference, the duality-gap certificate, and fista_fixed."""
 import math
 
 import numpy as np
@@ -8,6 +8,7 @@ import torch
 from pipeline.solvers import LassoResult, duality_gap, fista_fixed, lipschitz, nn_lasso
 
 LAM = 0.05
+ENGINES = ["active-set", "bpp"]  # the CPU engine and the batched-torch (GPU) one, both runnable on CPU
 
 
 def _problem(d, K, B, nnz, seed, noise=0.05):
@@ -61,10 +62,11 @@ def test_reference_satisfies_kkt(small):
     assert (grad[A > 0].abs() <= 1e-9).all()
 
 
-def test_nn_lasso_matches_reference(small):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_nn_lasso_matches_reference(small, engine):
     X, D, A_ref = small
     tol = 1e-4
-    res = nn_lasso(X.float(), D.float(), LAM, tol=tol)
+    res = nn_lasso(X.float(), D.float(), LAM, tol=tol, engine=engine)
     assert isinstance(res, LassoResult)
     assert res.codes.shape == (X.shape[0], D.shape[1]) and res.codes.dtype == torch.float32
     assert (res.codes >= 0).all()
@@ -77,14 +79,15 @@ def test_nn_lasso_matches_reference(small):
     assert (grad >= -1e-2).all()
 
 
-def test_reported_gap_is_the_certificate(small):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_reported_gap_is_the_certificate(small, engine):
     X, D, A_ref = small
-    res = nn_lasso(X.float(), D.float(), LAM, tol=1e-4)
+    res = nn_lasso(X.float(), D.float(), LAM, tol=1e-4, engine=engine)
     p, gap = duality_gap(X, D, res.codes.double(), LAM)
     torch.testing.assert_close(res.primal.double(), p, rtol=1e-5, atol=1e-6)
     assert (res.rel_gap.double() >= gap / p - 1e-5).all()
     # a float64 certificate agrees with one recomputed in float64 on the same (float32) data
-    res64 = nn_lasso(X.float(), D.float(), LAM, tol=1e-4, cert_dtype=torch.float64)
+    res64 = nn_lasso(X.float(), D.float(), LAM, tol=1e-4, cert_dtype=torch.float64, engine=engine)
     p64, gap64 = duality_gap(X.float().double(), D.float().double(), res64.codes.double(), LAM)
     torch.testing.assert_close(res64.rel_gap.double(), gap64 / p64, rtol=1e-4, atol=1e-9)
     # and the certificate really bounds the distance to the optimum
@@ -104,38 +107,41 @@ def test_duality_gap_bounds_true_gap_and_vanishes_at_optimum(small):
     assert (gap / p).max() < 1e-8
 
 
-def test_working_set_rounds_and_fallback():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_working_set_rounds_and_fallback(engine):
     # Supports larger than the first working set force several rounds; max_iter=1 forces the fallback.
     X, D = _problem(d=24, K=120, B=16, nnz=10, seed=3)
     A_ref = _reference(X, D)
     p_ref = _objective(X, D, A_ref)
     for kw in (dict(ws_size=4, ws_grow=3), dict(ws_size=4, ws_grow=3, max_iter=1)):
-        res = nn_lasso(X.float(), D.float(), LAM, tol=1e-4, **kw)
+        res = nn_lasso(X.float(), D.float(), LAM, tol=1e-4, engine=engine, **kw)
         assert (res.rel_gap <= 1e-4).all(), kw
         assert (((_objective(X, D, res.codes.double()) - p_ref) / p_ref) <= 1e-4).all(), kw
-    assert nn_lasso(X.float(), D.float(), LAM, tol=1e-4, ws_size=4, ws_grow=3).n_iter > 1
+    assert nn_lasso(X.float(), D.float(), LAM, tol=1e-4, ws_size=4, ws_grow=3, engine=engine).n_iter > 1
 
 
-def test_zero_solutions_and_degenerate_rows():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_zero_solutions_and_degenerate_rows(engine):
     # atoms in the positive orthant; x = 0, and x anti-correlated with every atom: a = 0 is optimal
     g = torch.Generator().manual_seed(5)
     D = torch.nn.functional.normalize(torch.rand(8, 20, generator=g), dim=0)
     anti = -torch.ones(8) / math.sqrt(8)
     Xz = torch.stack([torch.zeros(8), anti])
     assert (Xz @ D).max() <= LAM  # precondition of the test
-    res = nn_lasso(Xz, D, LAM)
+    res = nn_lasso(Xz, D, LAM, engine=engine)
     assert (res.codes == 0).all()
     assert (res.rel_gap == 0).all()
     torch.testing.assert_close(res.primal, torch.tensor([0.0, 0.5]))
     # empty batch
-    res = nn_lasso(torch.zeros(0, 8), D, LAM)
+    res = nn_lasso(torch.zeros(0, 8), D, LAM, engine=engine)
     assert res.codes.shape == (0, 20)
 
 
-def test_batch_composition_does_not_change_a_row(small):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_batch_composition_does_not_change_a_row(small, engine):
     X, D, _ = small
-    full = nn_lasso(X.float(), D.float(), LAM, tol=1e-6).codes
-    one = nn_lasso(X[5:6].float(), D.float(), LAM, tol=1e-6).codes
+    full = nn_lasso(X.float(), D.float(), LAM, tol=1e-6, engine=engine).codes
+    one = nn_lasso(X[5:6].float(), D.float(), LAM, tol=1e-6, engine=engine).codes
     torch.testing.assert_close(full[5:6], one, atol=1e-4, rtol=1e-3)
 
 
@@ -157,19 +163,21 @@ def test_lipschitz_is_largest_eigenvalue():
     assert math.isclose(lipschitz(D.float()), ev, rel_tol=1e-5)
 
 
-def test_deterministic_for_the_same_input():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_deterministic_for_the_same_input(engine):
     X, D = _problem(d=24, K=120, B=40, nnz=10, seed=11)
-    runs = [nn_lasso(X.float(), D.float(), LAM, tol=1e-5, ws_size=4, ws_grow=3) for _ in range(2)]
+    runs = [nn_lasso(X.float(), D.float(), LAM, tol=1e-5, ws_size=4, ws_grow=3, engine=engine) for _ in range(2)]
     assert torch.equal(runs[0].codes, runs[1].codes)
     assert torch.equal(runs[0].rel_gap, runs[1].rel_gap)
     assert (runs[0].codes >= 0).all()
 
 
-def test_codes_are_non_negative_where_the_unconstrained_lasso_is_not():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_codes_are_non_negative_where_the_unconstrained_lasso_is_not(engine):
     # x = d0 - d1 with correlated atoms: the plain lasso puts a negative weight on d1, ours must not.
     X, D = _problem(d=16, K=40, B=8, nnz=4, seed=12)
     X = torch.nn.functional.normalize(D[:, :8].T - 0.8 * D[:, 8:16].T, dim=1)
-    res = nn_lasso(X.float(), D.float(), LAM, tol=1e-5)
+    res = nn_lasso(X.float(), D.float(), LAM, tol=1e-5, engine=engine)
     assert (res.codes >= 0).all() and (res.rel_gap <= 1e-5).all()
     A_ref = _reference(X, D)
     assert ((_objective(X, D, res.codes.double()) - _objective(X, D, A_ref)) <= 1e-5 * _objective(X, D, A_ref) + 1e-9).all()
@@ -222,3 +230,39 @@ def test_worker_threads_give_the_single_thread_result_and_restore_threads():
     # the chunks, not the threads, decide the arithmetic: same chunks, same bits (resumed runs rely on it)
     one_same_chunks = nn_lasso(X.float(), D.float(), LAM, tol=1e-5, ws_size=4, ws_grow=3, workers=1, chunk_size=100)
     assert torch.equal(two.codes, one_same_chunks.codes)
+
+
+def test_bf16_pricing_error_is_within_the_bound_the_certificate_uses():
+    # The active-set certificate trusts |c_j - C_j| <= 0.0045|C_j| + 0.0085*dmax*||r|| for C from a
+    # bfloat16 GEMM with float32 accumulation. If this torch build ever accumulated in bf16, this fails.
+    g = torch.Generator().manual_seed(21)
+    D = torch.nn.functional.normalize(torch.randn(384, 3000, generator=g), dim=0)
+    common = torch.nn.functional.normalize(torch.randn(384, generator=g), dim=0)
+    R = torch.randn(256, 384, generator=g) * 0.05 + 0.6 * common  # anisotropic, like real residuals
+    C = (R.bfloat16() @ D.bfloat16()).double()
+    exact = R.double() @ D.double()
+    bound = 0.0045 * C.abs() + 0.0085 * R.double().norm(dim=1, keepdim=True)
+    ratio = (exact - C).abs() / bound
+    assert ratio.max() <= 1.0
+    assert ratio.max() > 0.02  # the bound is not vacuous: bf16 error is real and of its order
+
+
+def test_certificate_holds_for_atoms_that_are_not_unit_norm():
+    # Rounding bounds scale with the largest atom norm; a dictionary with norms up to 3 must still be certified.
+    X, D = _problem(d=24, K=120, B=32, nnz=6, seed=22)
+    scale = torch.linspace(0.3, 3.0, D.shape[1], dtype=torch.float64)
+    Ds = D * scale
+    res = nn_lasso(X.float(), Ds.float(), LAM, tol=1e-5, engine="active-set")
+    p, gap = duality_gap(X.float().double(), Ds.float().double(), res.codes.double(), LAM)
+    assert (res.rel_gap.double() >= gap / p - 1e-6).all() and (res.rel_gap <= 1e-5).all()
+    p_ref = _objective(X, Ds, _reference(X, Ds))
+    assert ((p - p_ref) / p_ref <= 1e-5 + 1e-9).all()
+
+
+def test_engines_agree_and_unknown_engine_is_refused():
+    X, D = _problem(d=24, K=120, B=40, nnz=10, seed=23)
+    a = nn_lasso(X.float(), D.float(), LAM, tol=1e-6, engine="active-set")
+    b = nn_lasso(X.float(), D.float(), LAM, tol=1e-6, engine="bpp")
+    torch.testing.assert_close(a.primal, b.primal, rtol=2e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="engine must be"):
+        nn_lasso(X.float(), D.float(), LAM, engine="lars")
