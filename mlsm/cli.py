@@ -154,7 +154,8 @@ def extract(corpus_spec, out, aux, layers, max_len, max_tokens, shard_tokens, ba
 @click.option("--tol", default=1e-4, help="Certified relative duality gap each token's code is solved to.")
 @click.option("--dict-samples", default=1_000_000, help="Token vectors sampled to learn the dictionary.")
 @click.option("--heldout", default=20_000, help="Extra vectors held out to report the dictionary's objective.")
-@click.option("--batch-size", default=1024, help="Tokens per solver batch.")
+@click.option("--batch-size", default=8192, show_default=True,
+              help="Tokens per solver call; nn_lasso splits them into 1024-row chunks over the threads.")
 @click.option("--top-k", type=int, default=None,
               help="Keep only the N largest atoms per token (default: all); the target a/sum(a) is renormalised "
                    "over them. `make bench-extract` reports the KL this costs for N in 8..64.")

@@ -151,7 +151,8 @@ def _code_shard(extract_dir, shard, part, layer, D, gram, lam, tol, batch_size, 
             x = normalize_rows(rg["hidden"][b:b + batch_size], dev)
             res = nn_lasso(x, D, lam, tol=tol, gram=gram)
             a = res.codes
-            recon.append((x - a @ D.T).norm(dim=1).cpu().numpy())
+            # ||x - D a|| from the objective the solver already evaluated: a second full GEMM saved
+            recon.append(torch.sqrt((2 * (res.primal.double() - lam * a.sum(1).double())).clamp(min=0)).cpu().numpy())
             c, j, v = dense_to_csr(a.cpu().numpy(), value_dtype)
             if top_k:
                 c, j, v = top_k_codes(c, j, v, top_k)
@@ -174,7 +175,7 @@ def run_sparse_code(
     tol: float = 1e-4,
     dict_samples: int = 1_000_000,
     heldout: int = 20_000,
-    batch_size: int = 1024,
+    batch_size: int = 8192,
     top_k: int | None = None,
     values: str = "float32",
     seed: int = 0,
