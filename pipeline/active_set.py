@@ -25,9 +25,6 @@ import numba as nb
 import numpy as np
 import torch
 
-# |bf16(sum) - sum| <= U*|bf16(sum)| ... see _certify_select; the unit roundoff of bfloat16 is 2^-8.
-_BF16_U = 2.0 ** -8
-
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
 def _chol_append(L, n, col, qdd):
