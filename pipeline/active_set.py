@@ -1,6 +1,6 @@
 """CPU engine of `nn_lasso`: per-row active sets compiled with numba, certificates batched in bf16.
 
-The working-set rounds of `pipeline.solvers` stay: solve on a few hundred atoms, certify on the full
+The working-set rounds of `pipeline.solvers` stay: solve on ~100 atoms (support + candidates), certify on the full
 dictionary, add the atoms most correlated with the residual, repeat. What changes on CPU is how
 each piece is done, because there the cost was never the flops:
 
@@ -369,11 +369,12 @@ def _gap(rn2, ac, a, c_sup, ns, cmax, lam):
 def _certify_select(R, C16, Dt, dmax, lam, idx, a, n_sup, g, cand, n_cand, primal, gap, tol, exact):
     """Duality gap of each row's codes against the FULL dictionary, and the next candidates.
 
-    C holds D^T r from a bfloat16 GEMM with float32 accumulation. Its error is bounded by
-        |c_j - C_j| <= u/(1-u)*|C_j| + ((2u + u^2)*(1 + 1e-4) + 2.5e-5)*||r||,  u = 2^-8,
-    (output rounding; bf16 rounding of d_j and r, sum |d_jt r_t| <= ||d_j|| ||r||, ||d_j|| <= dmax;
-    float32 accumulation over d <= 1024 terms), which we round up to 0.0045*|C_j| + 0.0085*dmax*||r||. Every atom whose upper
-    bound reaches the largest lower bound is recomputed exactly, so max_j c_j is exact; so is
+    C holds D^T r from a bfloat16 GEMM with float32 accumulation. With u = 2^-8 (bf16's unit
+    roundoff), sum_t |d_jt r_t| <= ||d_j|| ||r|| and ||d_j|| <= dmax, its error is bounded by
+        |c_j - C_j| <= u/(1-u)*|C_j| + ((2u + u^2) + d*2^-24)*dmax*||r||
+    (output rounding; bf16 rounding of d_j and r; float32 accumulation over d terms). For
+    d <= 8192 that is at most 0.0045*|C_j| + 0.0085*dmax*||r||, the bound used here. Every atom
+    whose upper bound reaches the largest lower bound is recomputed exactly, so max_j c_j is exact; so is
     c_j on the support. The gap formula is `solvers._gap_terms` (see there for the derivation).
     """
     n, K = C16.shape
@@ -475,8 +476,8 @@ def solve_chunk(X: torch.Tensor, dic: Dictionary, lam: float, tol: float, max_it
         out_L, out_off = L_bufs[it % 2], np.empty(n, np.int64)
         R = np.empty((n, Xn.shape[1]), np.float32)
         stats["passes"] = stats.get("passes", 0) + _round(
-            Xn, Dt32, gram, dmax, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, L_bufs[(it + 1) % 2], prev_off, cand,
-            n_cand, out_idx, out_a, out_b, out_n, out_L, out_off, R, qblock)
+            Xn, Dt32, gram, dmax, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, L_bufs[(it + 1) % 2],
+            prev_off, cand, n_cand, out_idx, out_a, out_b, out_n, out_L, out_off, R, qblock)
         stats["row_rounds"] = stats.get("row_rounds", 0) + n
         C = (torch.from_numpy(R).to(torch.bfloat16) @ D_bf16).view(torch.int16).numpy()
         cand = np.empty((n, ws_grow), np.int32)

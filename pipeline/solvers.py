@@ -400,11 +400,13 @@ def nn_lasso(
     if X.ndim != 2 or D.ndim != 2 or X.shape[1] != D.shape[0]:
         raise ValueError(f"nn_lasso: X {tuple(X.shape)} and D {tuple(D.shape)} do not match")
     if engine == "auto":
-        engine = auto_engine(D.device.type)
+        engine = auto_engine(D.device.type) if D.shape[0] <= 8192 else "bpp"
     if engine not in ("active-set", "bpp"):
         raise ValueError(f"nn_lasso: engine must be 'auto', 'active-set' or 'bpp', got {engine!r}")
     if engine == "active-set" and D.device.type != "cpu":
         raise ValueError("nn_lasso: the active-set engine runs on CPU; use engine='bpp' (or 'auto') on a GPU")
+    if engine == "active-set" and D.shape[0] > 8192:  # its bf16 rounding bound is proven for d <= 8192
+        raise ValueError(f"nn_lasso: the active-set engine needs d <= 8192, got d={D.shape[0]}; use engine='bpp'")
     if ws_size is None:
         ws_size = 32 if engine == "active-set" else 16
     if ws_grow is None:
