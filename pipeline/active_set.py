@@ -377,6 +377,8 @@ def _certify_select(R, C16, Dt, dmax, lam, idx, a, n_sup, g, cand, n_cand, prima
     d <= 8192 that is at most 0.0045*|C_j| + 0.0085*dmax*||r||, the bound used here. Every atom
     whose upper bound reaches the largest lower bound is recomputed exactly, so max_j c_j is exact; so is
     c_j on the support. The gap formula is `solvers._gap_terms` (see there for the derivation).
+    Before that, rows whose gap estimated from the bf16 values alone is far above tol are left
+    open without the exact work (`exact` forces it, for the last round).
     """
     n, K = C16.shape
     mark = np.zeros(K, np.bool_)
@@ -392,6 +394,26 @@ def _certify_select(R, C16, Dt, dmax, lam, idx, a, n_sup, g, cand, n_cand, prima
         al1 = 0.0
         cmax = -np.inf
         ns = n_sup[i]
+        ci = _bf16_row(C16[i], bits32)
+        if not exact:
+            # Likely open? The bf16 values stand in for the exact ones; a row is only ever called
+            # done after the exact computation below, so a wrong guess costs a round, never a gap.
+            for k in range(ns):
+                aj = np.float64(np.float32(a[i, k]))
+                cj = np.float64(ci[idx[i, k]])
+                c_sup[k] = cj
+                ac += aj * cj
+                al1 += aj
+            cm0 = _max32(ci)
+            p0 = 0.5 * rn2 + lam * al1
+            if _gap(rn2, ac, a[i], c_sup, ns, cm0 - 0.0045 * abs(cm0) - e0, lam) > 4 * tol * p0 + 0.02 * p0:
+                primal[i] = p0
+                gap[i] = np.inf
+                if g > 0:
+                    _top_outside(ci, idx[i], ns, g, cand[i], n_cand[i:i + 1], mark, hv, hi)
+                continue
+            ac = 0.0
+            al1 = 0.0
         for k in range(ns):
             aj = np.float64(np.float32(a[i, k]))
             cj = _dot64(Dt[idx[i, k]], r)
@@ -399,7 +421,6 @@ def _certify_select(R, C16, Dt, dmax, lam, idx, a, n_sup, g, cand, n_cand, prima
             ac += aj * cj
             al1 += aj
             cmax = max(cmax, cj)
-        ci = _bf16_row(C16[i], bits32)
         # Both bounds are increasing in C_j, so the largest lower bound is that of max_j C_j, and
         # "upper bound >= thr" is a plain threshold on C_j.
         cm = _max32(ci)
