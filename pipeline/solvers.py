@@ -27,8 +27,9 @@ flops, so its sub-problems stay small (support + 16 atoms) and rows are bucketed
 Correlation screening is poor on real hidden states (anisotropic: most atoms correlate with the
 common direction), so several rounds are normal; each is cheap.
 
-Precision: everything is float32. The certificate is then exact up to float32 rounding, about
-1e-6 relative; ask for tol >= 1e-5 (cert_dtype=torch.float64 makes the certificate itself exact).
+Precision: the data are float32, and so is the bpp certificate: exact up to float32 rounding,
+about 1e-6 relative; ask for tol >= 1e-5 (cert_dtype=torch.float64 recomputes the certificate in
+float64). The active-set engine already sums its certificate's dot products in float64.
 """
 from __future__ import annotations
 
@@ -355,6 +356,8 @@ def _finish(X, D, lam, tol, codes, primal, rel, rows, fallback_steps, L, cert_dt
         p, g = duality_gap(X.to(cert_dtype), D.to(cert_dtype), codes.to(cert_dtype), lam)
         primal, rel = p.float(), (g / p.clamp(min=_TINY)).float()
     return codes, primal, rel
+
+
 def auto_engine(device_type: str) -> str:
     """The engine nn_lasso picks by default on a device type ("cpu", "cuda", ...)."""
     return "active-set" if device_type == "cpu" else "bpp"
