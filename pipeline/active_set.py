@@ -51,8 +51,8 @@ def _chol_delete(L, n, k):
         a = L[j, j]
         b = L[j, j + 1]
         r = math.sqrt(a * a + b * b)
-        c = a / r
-        s = b / r
+        c = a / r if r > 0 else 1.0  # r > 0 while pivots are; guarded like the step below, by principle
+        s = b / r if r > 0 else 0.0
         for i in range(j, n - 1):
             x = L[i, j]
             y = L[i, j + 1]
@@ -248,7 +248,8 @@ def _round(X, Dt, gram, dmax, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n,
                 for k in range(nP):
                     if z[k] <= 0:
                         ak = a[P[k]]
-                        alpha = min(alpha, ak / (ak - z[k]))
+                        den = ak - z[k]  # >= 0; 0 when both are 0 (an atom that just entered at 0)
+                        alpha = min(alpha, ak / den) if den > 0 else 0.0
                 for k in range(nP):
                     a[P[k]] += alpha * (z[k] - a[P[k]])
                 k = nP - 1
