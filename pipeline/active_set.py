@@ -454,6 +454,7 @@ class Dictionary(NamedTuple):
 
 
 def prepare(D: torch.Tensor, gram: torch.Tensor) -> Dictionary:
+    D, gram = D.detach(), gram.detach()  # a dictionary that is a trainable parameter codes the same
     Dt = np.ascontiguousarray(D.T.numpy(), dtype=np.float32)
     dmax = float(np.sqrt((Dt.astype(np.float64) ** 2).sum(1).max(initial=0.0))) * (1 + 1e-6)
     return Dictionary(Dt, D.to(torch.bfloat16), np.ascontiguousarray(gram.numpy(), dtype=np.float32), dmax)
