@@ -358,9 +358,12 @@ def _finish(X, D, lam, tol, codes, primal, rel, rows, fallback_steps, L, cert_dt
     return codes, primal, rel
 
 
-def auto_engine(device_type: str) -> str:
-    """The engine nn_lasso picks by default on a device type ("cpu", "cuda", ...)."""
-    return "active-set" if device_type == "cpu" else "bpp"
+ACTIVE_SET_MAX_D = 8192  # the active-set certificate's bf16 rounding bound is proven up to this d
+
+
+def auto_engine(device_type: str, d: int) -> str:
+    """The engine nn_lasso picks by default for a device type ("cpu", "cuda", ...) and vector size d."""
+    return "active-set" if device_type == "cpu" and d <= ACTIVE_SET_MAX_D else "bpp"
 
 
 def nn_lasso(
@@ -386,7 +389,7 @@ def nn_lasso(
     max_iter: working-set rounds before the FISTA fallback. gram: D^T D, to reuse across calls.
     engine: "active-set" (CPU: per-row compiled active sets, bf16 pricing with an exact certificate;
     see pipeline/active_set.py), "bpp" (batched torch ops: the engine for GPUs, and any device), or
-    "auto" (active-set on CPU, bpp elsewhere).
+    "auto" (active-set on CPU for d <= ACTIVE_SET_MAX_D, bpp otherwise).
     ws_size: atoms screened by correlation for the first round; ws_grow: atoms added per round
     (defaults per engine: 32/48 active-set, 16/16 bpp; each measured best on real states).
     fallback_steps: FISTA step budget for rows still open after max_iter rounds (0: none; their
@@ -403,13 +406,14 @@ def nn_lasso(
     if X.ndim != 2 or D.ndim != 2 or X.shape[1] != D.shape[0]:
         raise ValueError(f"nn_lasso: X {tuple(X.shape)} and D {tuple(D.shape)} do not match")
     if engine == "auto":
-        engine = auto_engine(D.device.type) if D.shape[0] <= 8192 else "bpp"
+        engine = auto_engine(D.device.type, D.shape[0])
     if engine not in ("active-set", "bpp"):
         raise ValueError(f"nn_lasso: engine must be 'auto', 'active-set' or 'bpp', got {engine!r}")
     if engine == "active-set" and D.device.type != "cpu":
         raise ValueError("nn_lasso: the active-set engine runs on CPU; use engine='bpp' (or 'auto') on a GPU")
-    if engine == "active-set" and D.shape[0] > 8192:  # its bf16 rounding bound is proven for d <= 8192
-        raise ValueError(f"nn_lasso: the active-set engine needs d <= 8192, got d={D.shape[0]}; use engine='bpp'")
+    if engine == "active-set" and D.shape[0] > ACTIVE_SET_MAX_D:
+        raise ValueError(f"nn_lasso: the active-set engine needs d <= {ACTIVE_SET_MAX_D}, got d={D.shape[0]}; "
+                         f"use engine='bpp'")
     if ws_size is None:
         ws_size = 32 if engine == "active-set" else 16
     if ws_grow is None:

@@ -335,7 +335,7 @@ def _merge_codes(extract_dir: Path, out_dir: Path) -> dict | None:
         "coding_s": t_code,
         "coding_tokens_per_s": round(coded / t_code, 1) if coded and t_code > 0 else None,
         "device": ",".join(sorted({r["device"] for r in records})),
-        "engine": ",".join(sorted({auto_engine(torch.device(r["device"]).type) for r in records})),
+        "engine": ",".join(sorted({auto_engine(torch.device(r["device"]).type, D.shape[0]) for r in records})),
         "workers": len(records),
     }
     manifest = dict(progress_doc)
