@@ -355,6 +355,15 @@ def _select(C16, g, cand, n_cand):
         _top_outside(_bf16_row(C16[i], bits32), empty, 0, g, cand[i], n_cand[i:i + 1], mark, hv, hi)
 
 
+@nb.njit(cache=True, nogil=True)
+def _a_dot(a, c, ns):
+    """sum_k a_k c_k over the support, with the float32 values of a (those of the codes we output)."""
+    s = 0.0
+    for k in range(ns):
+        s += np.float64(np.float32(a[k])) * c[k]
+    return s
+
+
 @nb.njit(cache=True, nogil=True, fastmath=False)
 def _gap(rn2, ac, a, c_sup, ns, cmax, lam):
     """solvers._gap_terms for one row: the best scale s of the residual, clipped to dual feasibility."""
@@ -391,42 +400,31 @@ def _certify_select(R, C16, Dt, dmax, lam, idx, a, n_sup, g, cand, n_cand, prima
         r = R[i]
         rn2 = _dot64(r, r)
         e0 = 0.0085 * dmax * math.sqrt(rn2) + 1e-30
-        ac = 0.0
-        al1 = 0.0
-        cmax = -np.inf
         ns = n_sup[i]
-        ci = _bf16_row(C16[i], bits32)
-        if not exact:
-            # Likely open? The bf16 values stand in for the exact ones; a row is only ever called
-            # done after the exact computation below, so a wrong guess costs a round, never a gap.
-            for k in range(ns):
-                aj = np.float64(np.float32(a[i, k]))
-                cj = np.float64(ci[idx[i, k]])
-                c_sup[k] = cj
-                ac += aj * cj
-                al1 += aj
-            cm0 = _max32(ci)
-            p0 = 0.5 * rn2 + lam * al1
-            if _gap(rn2, ac, a[i], c_sup, ns, cm0 - 0.0045 * abs(cm0) - e0, lam) > 4 * tol * p0 + 0.02 * p0:
-                primal[i] = p0
-                gap[i] = np.inf
-                if g > 0:
-                    _top_outside(ci, idx[i], ns, g, cand[i], n_cand[i:i + 1], mark, hv, hi)
-                continue
-            ac = 0.0
-            al1 = 0.0
+        al1 = 0.0
         for k in range(ns):
-            aj = np.float64(np.float32(a[i, k]))
-            cj = _dot64(Dt[idx[i, k]], r)
-            c_sup[k] = cj
-            ac += aj * cj
-            al1 += aj
-            cmax = max(cmax, cj)
+            al1 += np.float64(np.float32(a[i, k]))
+        primal[i] = 0.5 * rn2 + lam * al1
+        ci = _bf16_row(C16[i], bits32)
         # Both bounds are increasing in C_j, so the largest lower bound is that of max_j C_j, and
         # "upper bound >= thr" is a plain threshold on C_j.
         cm = _max32(ci)
         lo = cm - 0.0045 * abs(cm) - e0
-        primal[i] = 0.5 * rn2 + lam * al1
+        if not exact:
+            # Likely open? The bf16 values stand in for the exact ones; a row is only ever called
+            # done after the exact computation below, so a wrong guess costs a round, never a gap.
+            for k in range(ns):
+                c_sup[k] = ci[idx[i, k]]
+            if _gap(rn2, _a_dot(a[i], c_sup, ns), a[i], c_sup, ns, lo, lam) > (4 * tol + 0.02) * primal[i]:
+                gap[i] = np.inf
+                if g > 0:
+                    _top_outside(ci, idx[i], ns, g, cand[i], n_cand[i:i + 1], mark, hv, hi)
+                continue
+        cmax = -np.inf
+        for k in range(ns):
+            c_sup[k] = _dot64(Dt[idx[i, k]], r)
+            cmax = max(cmax, c_sup[k])
+        ac = _a_dot(a[i], c_sup, ns)
         # The gap only grows with max_j c_j, so a lower bound of the max gives a lower bound of the
         # gap: rows that fail even then are open, and their exact max is not needed (yet).
         gap[i] = _gap(rn2, ac, a[i], c_sup, ns, max(cmax, lo), lam)
