@@ -341,8 +341,9 @@ def _bpp_rounds(X, D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter, 
     return codes, primal, rel, n_iter, rows
 
 
-def _finish(X, D, lam, tol, codes, primal, rel, rows, fallback_steps, L, cert_dtype, stats):
-    """FISTA from the working-set codes for the rows still open (rare), then the optional float64 certificate."""
+def _finish(X, D, lam, tol, codes, primal, rel, rows, fallback_steps, L, cert_dtype, rounds_certified, stats):
+    """FISTA from the working-set codes for the rows still open (rare), then the optional float64 certificate:
+    for the fallback rows only if the rounds already certified in cert_dtype (bpp), else for every row."""
     B = X.shape[0]
     if len(rows) and fallback_steps > 0:
         log.debug("nn_lasso: %d rows above tol after the working-set rounds; FISTA fallback", len(rows))
@@ -353,8 +354,10 @@ def _finish(X, D, lam, tol, codes, primal, rel, rows, fallback_steps, L, cert_dt
             log.warning("nn_lasso: %d of %d rows stopped above tol=%g (worst rel gap %.3g) after %d fallback steps",
                         int((rr > tol).sum()), B, tol, float(rr.max()), steps)
     if cert_dtype is not None and cert_dtype != torch.float32:
-        p, g = duality_gap(X.to(cert_dtype), D.to(cert_dtype), codes.to(cert_dtype), lam)
-        primal, rel = p.float(), (g / p.clamp(min=_TINY)).float()
+        redo = rows if rounds_certified else torch.arange(B, device=X.device)
+        if len(redo):
+            p, g = duality_gap(X[redo].to(cert_dtype), D.to(cert_dtype), codes[redo].to(cert_dtype), lam)
+            primal[redo], rel[redo] = p.float(), (g / p.clamp(min=_TINY)).float()
     return codes, primal, rel
 
 
@@ -453,7 +456,8 @@ def nn_lasso(
     def solve(s: int):
         Xc = X[s:s + chunk_size]
         codes, primal, rel, n_iter, rows = rounds(Xc)
-        return (*_finish(Xc, D, lam, tol, codes, primal, rel, rows, fallback_steps, L, cert_dtype, _STATS), n_iter)
+        return (*_finish(Xc, D, lam, tol, codes, primal, rel, rows, fallback_steps, L, cert_dtype,
+                         engine == "bpp", _STATS), n_iter)
 
     starts = range(0, B, chunk_size)
     bar = tqdm(total=len(starts), desc="nn_lasso", disable=not progress or len(starts) < 2, unit="chunk")
