@@ -13,7 +13,14 @@ each piece is done, because there the cost was never the flops:
 - The full-dictionary product `D^T r` that prices and certifies each round runs in bfloat16
   (2.4x the float32 GEMM on AVX512-BF16). It is made exact where the certificate needs it: every
   atom whose bf16 value could be the maximum, under a rigorous rounding bound, and every support
-  atom is recomputed from r in float64. So the certified gap is as exact as the float32 one.
+  atom is recomputed in float64, against the residual x - D a of the float32 codes returned, itself
+  formed in float64. So the certified gap is that of the codes we output, to float64 rounding.
+- A violator whose factor column is (nearly) dependent on the support's cannot enter by an append.
+  That is the normal state once the support spans the data (|P| = d, or near-duplicate atoms): it
+  is then exchanged for the support atom a simplex-style ratio test pushes out (`_exchange`).
+  Blocking such atoms for the round instead left rows stuck far above tol (numba 0.62's LLVM 20
+  rounds the fastmath factor updates differently on some CPUs, and that was enough to lead one
+  row of a test into a d-atom support).
 
 Everything that touches one row runs in one compiled loop (`nogil`), so threads over chunks scale.
 """
@@ -116,6 +123,57 @@ def _dot64(u, v):
 
 
 @nb.njit(cache=True, nogil=True)
+def _exchange(L, P, nP, a, Widx, gram, j, gj, dd, col, w, P_old):
+    """Enter atom j, which is (nearly) in the span of the support P, by pushing one support atom out.
+
+    Lawson-Hanson grows P one factor column at a time, so it cannot take an atom whose column is
+    dependent on P's; once P spans the data (|P| = d), every violator is such an atom. With
+    d_j = D_P w + e (Q_PP w = Q_Pj, ||e||^2 = dd), the move a_j += t, a_P -= t*w keeps the fit up to
+    t*e and changes the objective by -t*gj + t^2*dd/2, where gj = d_j.r - lam > 0 (at the optimum on
+    P, D_P^T r = lam). It descends until the first a_p with w_p > 0 reaches 0 (the ratio test of a
+    simplex pivot): p leaves, j enters. Returns p, or -1 when nothing changed: no support atom
+    bounds the step, the line minimum comes first, or j is dependent on P without p as well.
+    `col` holds Q_Pj on entry; `w` and `P_old` are scratch.
+    """
+    _chol_solve(L, nP, col, w)
+    t = np.inf
+    out = -1
+    for k in range(nP):
+        if w[k] > 0:
+            tk = a[P[k]] / w[k]
+            if tk < t:
+                t = tk
+                out = k
+    if out < 0 or (dd > 0 and t > gj / dd):
+        return -1
+    p = P[out]
+    for k in range(nP):
+        P_old[k] = P[k]
+    _chol_delete(L, nP, out)
+    for k in range(out, nP - 1):
+        P[k] = P[k + 1]
+    n = nP - 1
+    row = gram[Widx[j]]
+    for k in range(n):
+        col[k] = row[Widx[P[k]]]
+    d2 = _chol_append(L, n, col, row[Widx[j]])
+    if d2 <= 1e-6 * row[Widx[j]]:  # still dependent without p (rounding): put p back, change nothing
+        row = gram[Widx[p]]
+        for k in range(n):
+            col[k] = row[Widx[P[k]]]
+        L[n, n] = math.sqrt(max(_chol_append(L, n, col, row[Widx[p]]), 1e-30))
+        P[n] = p
+        return -1
+    L[n, n] = math.sqrt(d2)
+    P[n] = j
+    for k in range(nP):
+        a[P_old[k]] = max(a[P_old[k]] - t * w[k], 0.0)
+    a[p] = 0.0
+    a[j] = t
+    return p
+
+
+@nb.njit(cache=True, nogil=True)
 def _round(X, Dt, gram, dmax, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, prev_L, prev_off, cand, n_cand,
            out_idx, out_a, out_b, out_n, out_L, out_off, R, qblock):
     """One working-set round for each row: NNLS on (previous support + candidates), warm-started.
@@ -143,6 +201,8 @@ def _round(X, Dt, gram, dmax, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n,
     added = np.empty(wmax, np.int64)
     g_at = np.empty(wmax, np.float32)
     path_at = np.empty(wmax)
+    w_ex = np.empty(wmax, np.float32)
+    P_old = np.empty(wmax, np.int64)
     d = X.shape[1]
     r_prev = np.empty(d, np.float32)
     passes = 0
@@ -218,8 +278,18 @@ def _round(X, Dt, gram, dmax, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n,
                     col[k] = row[Widx[P[k]]]
                 qjj = row[Widx[j]]
                 dd = _chol_append(L, nP, col, qjj)
-                if dd <= 1e-6 * qjj:  # (nearly) in the span of the support (for float32): leave it out
-                    blocked[j] = True
+                if dd <= 1e-6 * qjj:  # (nearly) in the span of the support (for float32)
+                    if nadd > 0:
+                        continue  # the support moved in this pass: it is tried again in the next
+                    p = _exchange(L, P, nP, a, Widx, gram, j, best, dd, col, w_ex, P_old)
+                    if p < 0:
+                        blocked[j] = True
+                        continue
+                    inP[p] = False
+                    g_at[p] = np.inf
+                    inP[j] = True
+                    added[nadd] = j
+                    nadd += 1
                     continue
                 L[nP, nP] = math.sqrt(dd)
                 P[nP] = j
@@ -377,25 +447,31 @@ def _gap(rn2, ac, a, c_sup, ns, cmax, lam):
 
 
 @nb.njit(cache=True, nogil=True)
-def _certify_select(R, C16, Dt, dmax, lam, idx, a, n_sup, g, cand, n_cand, primal, gap, tol, exact):
+def _certify_select(X, rows, R, C16, Dt, dmax, lam, idx, a, n_sup, g, cand, n_cand, primal, gap, tol, exact):
     """Duality gap of each row's codes against the FULL dictionary, and the next candidates.
 
-    C holds D^T r from a bfloat16 GEMM with float32 accumulation. With u = 2^-8 (bf16's unit
-    roundoff), sum_t |d_jt r_t| <= ||d_j|| ||r|| and ||d_j|| <= dmax, its error is bounded by
+    C holds D^T r from a bfloat16 GEMM with float32 accumulation, r being the float32 residual R.
+    With u = 2^-8 (bf16's unit roundoff), sum_t |d_jt r_t| <= ||d_j|| ||r|| and ||d_j|| <= dmax,
+    its error is bounded by
         |c_j - C_j| <= u/(1-u)*|C_j| + ((2u + u^2) + d*2^-24)*dmax*||r||
     (output rounding; bf16 rounding of d_j and r; float32 accumulation over d terms). For
-    d <= 8192 that is at most 0.0045*|C_j| + 0.0085*dmax*||r||, the bound used here. Every atom
-    whose upper bound reaches the largest lower bound is recomputed exactly, so max_j c_j is exact; so is
-    c_j on the support. The gap formula is `solvers._gap_terms` (see there for the derivation).
+    d <= 8192 that is at most 0.0045*|C_j| + 0.0085*dmax*||r||, the bound used here.
+    The certificate itself is computed on the exact residual r* = x - D a of the float32 codes a
+    we return (formed in float64 from the row x), so float32 rounding of r never enters the gap;
+    |d_j.r* - d_j.r| <= dmax*||r* - r|| joins the bound. Every atom whose upper bound reaches the
+    largest lower bound is recomputed exactly, so max_j c_j is exact; so is c_j on the support. The
+    gap formula is `solvers._gap_terms` (see there for the derivation).
     Before that, rows whose gap estimated from the bf16 values alone is far above tol are left
     open without the exact work (`exact` forces it, for the last round).
     """
     n, K = C16.shape
+    d = R.shape[1]
     mark = np.zeros(K, np.bool_)
     bits32 = np.empty(K, np.uint32)
     hv = np.empty(max(g, 1), np.float32)
     hi = np.empty(max(g, 1), np.int64)
     c_sup = np.empty(idx.shape[1])
+    r64 = np.empty(d)
     for i in range(n):
         r = R[i]
         rn2 = _dot64(r, r)
@@ -420,9 +496,25 @@ def _certify_select(R, C16, Dt, dmax, lam, idx, a, n_sup, g, cand, n_cand, prima
                 if g > 0:
                     _top_outside(ci, idx[i], ns, g, cand[i], n_cand[i:i + 1], mark, hv, hi)
                 continue
+        x = X[rows[i]]
+        for t in range(d):
+            r64[t] = x[t]
+        for k in range(ns):
+            ak = np.float64(np.float32(a[i, k]))
+            atom = Dt[idx[i, k]]
+            for t in range(d):
+                r64[t] -= ak * atom[t]
+        rn2 = 0.0
+        dr2 = 0.0
+        for t in range(d):
+            rn2 += r64[t] * r64[t]
+            dr2 += (r64[t] - r[t]) ** 2
+        primal[i] = 0.5 * rn2 + lam * al1
+        e0 += dmax * math.sqrt(dr2)
+        lo = cm - 0.0045 * abs(cm) - e0
         cmax = -np.inf
         for k in range(ns):
-            c_sup[k] = _dot64(Dt[idx[i, k]], r)
+            c_sup[k] = _dot64(Dt[idx[i, k]], r64)
             cmax = max(cmax, c_sup[k])
         ac = _a_dot(a[i], c_sup, ns)
         # The gap only grows with max_j c_j, so a lower bound of the max gives a lower bound of the
@@ -436,7 +528,7 @@ def _certify_select(R, C16, Dt, dmax, lam, idx, a, n_sup, g, cand, n_cand, prima
             t = (t / 1.0045 if t >= 0 else t / 0.9955) - 1e-6 * abs(t) - 1e-12
             for j in range(K):
                 if ci[j] >= t:
-                    cmax = max(cmax, _dot64(Dt[j], r))
+                    cmax = max(cmax, _dot64(Dt[j], r64))
             gap[i] = _gap(rn2, ac, a[i], c_sup, ns, cmax, lam)
             is_open = gap[i] > tol * primal[i]
         if g > 0 and is_open:
@@ -506,7 +598,7 @@ def solve_chunk(X: torch.Tensor, dic: Dictionary, lam: float, tol: float, max_it
         n_cand = np.zeros(n, np.int64)
         p, gp = np.empty(n), np.empty(n)
         last = it == max_iter - 1
-        _certify_select(R, C, Dt32, dmax, lam, out_idx, out_a, out_n, 0 if last else ws_grow, cand, n_cand, p, gp, tol,
+        _certify_select(Xn, rows, R, C, Dt32, dmax, lam, out_idx, out_a, out_n, 0 if last else ws_grow, cand, n_cand, p, gp, tol,
                         last)
         rr = gp / np.maximum(p, 1e-12)
         primal[rows], rel[rows] = p, rr
