@@ -33,7 +33,9 @@ from mlsm.manifest import MANIFEST, PROGRESS, new_manifest, write_json_atomic
 from pipeline import corpus as corpus_mod
 from pipeline.sequences import limit_tokens, pack_documents
 from pipeline.shards import shard_name, shard_rows, write_shard
-from pipeline.workers import Worker, finish, merge_once, prepare_shared_stage, read_records, resolve_worker
+from pipeline.workers import (
+    Worker, finish, merge_once, missing_workers, prepare_shared_stage, read_records, resolve_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -278,19 +280,23 @@ def _run_extract(worker: Worker, corpus, out_dir, layers, aux, max_len, max_toke
     write_json_atomic(record_path, record)
     log.info("extract: %s finished its shards (%d new tokens, %.0f tokens/s)", worker.name, new_tokens,
              record["tokens_per_s"] or 0)
-    manifest = merge_extract(out_dir)
+    manifest = merge_extract(out_dir, worker)
     return manifest if manifest is not None else {**record, "complete": False}
 
 
-def merge_extract(out_dir: Path) -> dict | None:
-    """Write manifest.json once every shard of the stream is on disk; None while some are missing."""
-    return merge_once(out_dir, "extract", lambda: _merge_extract(Path(out_dir)))
+def merge_extract(out_dir: Path, worker: Worker) -> dict | None:
+    """Write manifest.json once every shard of the stream is on disk and every worker of this split
+    has recorded its end; None until then."""
+    return merge_once(out_dir, "extract", lambda: _merge_extract(Path(out_dir), worker))
 
 
-def _merge_extract(out_dir: Path) -> dict | None:
+def _merge_extract(out_dir: Path, worker: Worker) -> dict | None:
     records = read_records(out_dir / WORKERS_DIR)
     finished = [r for r in records if r.get("total_shards") is not None]
-    if not finished:
+    waiting = missing_workers(records, worker, lambda r: r.get("total_shards") is not None)
+    if waiting:
+        log.info("extract: workers %s of %d have not finished; the last one to finish writes the manifest",
+                 waiting, worker.count)
         return None
     n_shards = finished[0]["total_shards"]
     done = _done_shards(out_dir)

@@ -33,7 +33,9 @@ from mlsm.manifest import (
 from pipeline.codes import dense_to_csr, merge_parts, part_rows, top_k_codes, write_part
 from pipeline.shards import iter_shard_batches, read_rows
 from pipeline.solvers import auto_engine, nn_lasso
-from pipeline.workers import Worker, finish, merge_once, prepare_shared_stage, read_records, resolve_worker
+from pipeline.workers import (
+    Worker, finish, merge_once, missing_workers, prepare_shared_stage, read_records, resolve_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -275,16 +277,22 @@ def _run_sparse_code(worker, extract_dir, out_dir, layer, K, lam, tol, dict_samp
               "coding_s": round(t_code, 1), "coded_tokens": coded,
               "coding_tokens_per_s": round(coded / t_code, 1) if coded and t_code > 0 else None}
     write_json_atomic(out_dir / WORKERS_DIR / f"{worker.name}.json", record)
-    manifest = merge_codes(extract_dir, out_dir)
+    manifest = merge_codes(extract_dir, out_dir, worker)
     return manifest if manifest is not None else {**record, "complete": False, "report": record}
 
 
-def merge_codes(extract_dir: Path, out_dir: Path) -> dict | None:
-    """Merge the parts into codes.h5 and write the manifest once every shard is coded; else None."""
-    return merge_once(out_dir, "sparse-code", lambda: _merge_codes(Path(extract_dir), Path(out_dir)))
+def merge_codes(extract_dir: Path, out_dir: Path, worker: Worker) -> dict | None:
+    """Merge the parts into codes.h5 and write the manifest once every shard is coded and every worker
+    of this split has recorded its end; else None."""
+    return merge_once(out_dir, "sparse-code", lambda: _merge_codes(Path(extract_dir), Path(out_dir), worker))
 
 
-def _merge_codes(extract_dir: Path, out_dir: Path) -> dict | None:
+def _merge_codes(extract_dir: Path, out_dir: Path, worker: Worker) -> dict | None:
+    waiting = missing_workers(read_records(out_dir / WORKERS_DIR), worker, lambda r: "coding_s" in r)
+    if waiting:
+        log.info("sparse-code: workers %s of %d have not finished; the last one to finish merges", waiting,
+                 worker.count)
+        return None
     man = read_manifest(extract_dir, stage="extract", fix="mlsm extract (or make extract)")
     progress_doc = json.loads((out_dir / PROGRESS).read_text())
     p = progress_doc["params"]

@@ -140,6 +140,15 @@ def prepare_shared_stage(worker: Worker, out_dir: Path, stage: str, params: dict
 
 def read_records(folder: Path) -> list[dict]:
     """Every worker's record (JSON written atomically by that worker alone)."""
-    import json
-
     return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("worker-*.json"))]
+
+
+def missing_workers(records: list[dict], worker: Worker, final: Callable[[dict], bool]) -> list[int]:
+    """Workers of this split (same count as `worker`) without a final record: the merge waits for them.
+
+    Files on disk alone do not say a worker is done: it may have written its last shard but not
+    yet its record, and a merge then would misstate who did what. Records of an earlier split
+    (another count) do not count here; the shards they finished are honoured all the same.
+    """
+    have = {r["worker"] for r in records if r.get("workers") == worker.count and final(r)}
+    return [i for i in range(worker.count) if i not in have]

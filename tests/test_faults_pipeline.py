@@ -167,3 +167,34 @@ def test_soak_every_kill_point(kit, stage, when):
         assert r.returncode == 0, r.stderr
         (_check_extract if stage == "extract" else _check_codes)(out, kit["ref"][stage])
         shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("stage", ["extract", "codes"])
+def test_a_worker_that_finds_every_shard_done_waits_for_the_other_workers_record(kit, stage):
+    # The race, made deterministic: worker 1 has written all its shards (or parts) and is killed
+    # just before its final record. Worker 0 then finds every shard on disk; it must not merge
+    # (its manifest would list itself alone). Worker 1's rerun records its end and merges.
+    root = kit["root"] / f"race-{stage}"
+    cmd = (_extract_cmd if stage == "extract" else _codes_cmd)(kit, root / "out")
+    if stage == "codes":
+        assert run_cli(cmd + ["--dictionary-only"]).returncode == 0
+    worker = lambda i: cmd + ["--shard-index", str(i), "--num-shards", "2"]  # noqa: E731
+    probe = root / "probe"  # worker 1 alone, elsewhere: how many atomic writes it makes (its record is last)
+    probe_cmd = [str(probe) if a == str(root / "out") else a for a in worker(1)]
+    if stage == "codes":
+        shutil.copytree(root / "out", probe)
+    assert run_cli(probe_cmd, count=root / "n").returncode == 0
+    n = int((root / "n").read_text())
+    assert run_cli(worker(1), kill=f"{n}:before").returncode == -9
+    final = "manifest.json"
+    assert run_cli(worker(0)).returncode == 0
+    assert not (root / "out" / final).exists(), "merged before worker 1 recorded its end"
+    r = run_cli(worker(1))
+    assert r.returncode == 0, r.stderr
+    man = json.loads((root / "out" / final).read_text())
+    if stage == "extract":
+        assert sorted(w["worker"] for w in man["workers"]) == [0, 1]
+        _check_extract(root / "out", kit["ref"]["extract"])
+    else:
+        assert man["report"]["workers"] == 2
+        assert_h5_equal(root / "out" / "codes.h5", kit["ref"]["codes"] / "codes.h5")
