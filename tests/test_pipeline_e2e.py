@@ -154,3 +154,22 @@ def test_top_k_float16_codes_are_the_full_codes_truncated(coded, extracted, work
         keep = np.sort(idx[np.argsort(-val, kind="stable")[:4]])
         np.testing.assert_array_equal(ti[tp[r]:tp[r + 1]], keep)
         np.testing.assert_array_equal(tv[tp[r]:tp[r + 1]], val[np.isin(idx, keep)].astype(np.float16))
+
+
+def test_the_readme_inspection_snippet_runs_as_written(coded, extracted, tmp_path, monkeypatch):
+    # The README's pandas/h5py snippet is how users look at the data: run it verbatim on real outputs.
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "read_parquet" in b)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "extract").symlink_to(extracted)
+    (tmp_path / "data" / "codes").symlink_to(coded)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(snippet, "README.md", "exec"), ns)
+    first = pd.read_parquet(extracted / "shard-00000.parquet")
+    assert ns["X"].shape == (len(first), 384)
+    assert ns["tokens"].shape[0] == ns["ptr"].shape[0] - 1
+    assert ns["target"].sum() == pytest.approx(1.0, rel=1e-5)
