@@ -83,8 +83,8 @@ def random_init_dir(work: Path, like: Path, model: str, seed: int) -> Path:
     """A never-trained student of the same size and tokenizer: the floor every objective must beat."""
     import torch
 
-    from trainer.checkpoint import save_model_dir
-    from trainer.model import BertConfig, Student
+    from mlsm.trainer.checkpoint import save_model_dir
+    from mlsm.trainer.model import BertConfig, Student
 
     out = work / "runs" / "random-init" / "step-0000000"
     if (out / "model.safetensors").is_file():
@@ -98,7 +98,7 @@ def random_init_dir(work: Path, like: Path, model: str, seed: int) -> Path:
 
 
 def finetune_cached(model_dir: Path, task: Path, out: Path, p: dict) -> dict:
-    from trainer.finetune import FinetuneConfig, run_finetune
+    from mlsm.trainer.finetune import FinetuneConfig, run_finetune
 
     path = out / "results.json"
     want = dict(seeds=p["ft_seeds"], epochs=p["ft_epochs"], lr=p["ft_lr"], batch=p["ft_batch"],
@@ -126,7 +126,7 @@ def _score(res: dict, metric: str) -> tuple[float, float]:
 def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, out: Path, timings: dict,
                  plateau: dict | None = None, tag: str = "") -> Path:
     """Write <out>/compare[-size][tag].md, .json and .png; returns that path without its suffix."""
-    from pipeline.layer_report import markdown as layer_md
+    from mlsm.pipeline.layer_report import markdown as layer_md
 
     tasks = sorted({r["task"] for r in rows})
     lines = [f"# MLSM vs MLM at equal pre-training budget ({size} size)", "",
@@ -334,7 +334,7 @@ def run(args) -> None:
     timings["extract"] = time.time() - t0
 
     t0 = time.time()
-    from pipeline.layer_report import layer_report
+    from mlsm.pipeline.layer_report import layer_report
 
     rep_path = work / "layer-report" / "layer_report.json"
     if rep_path.is_file():

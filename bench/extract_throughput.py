@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from mlsm.device import pick_device
-from pipeline import corpus as corpus_mod
-from pipeline.codes import merge_parts, top_k_codes, truncation_kl, write_part
-from pipeline.extract import _batches, cut_shards, forward_batch, run_extract
-from pipeline.sequences import limit_tokens, pack_documents
+from mlsm.pipeline import corpus as corpus_mod
+from mlsm.pipeline.codes import merge_parts, top_k_codes, truncation_kl, write_part
+from mlsm.pipeline.extract import _batches, cut_shards, forward_batch, run_extract
+from mlsm.pipeline.sequences import limit_tokens, pack_documents
 
 TOP_K = (8, 16, 32, 64, None)
 
@@ -99,7 +99,7 @@ def code_table(codes_path: Path, work: Path, chunk_tokens: int = 65536) -> tuple
 
 
 def main(argv=None) -> dict:
-    from trainer import checkpoint
+    from mlsm.trainer import checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default="data/corpus")
@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
 
     codes = a.codes
     if codes is None:
-        from pipeline.sparse_code import run_sparse_code
+        from mlsm.pipeline.sparse_code import run_sparse_code
 
         run_sparse_code(ext_dir, a.out / "codes", layer=layers[0], K=a.K, dict_samples=min(n, 100_000),
                         heldout=min(n // 10, 10_000), device=a.device, force=True, progress=False)

@@ -30,9 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.dictionary import learn_dictionary, objective  # noqa: E402
-from pipeline.solvers import fista_fixed, lipschitz, nn_lasso  # noqa: E402
-from pipeline.sparse_code import normalize_rows, sample_vectors  # noqa: E402
+from mlsm.pipeline.dictionary import learn_dictionary, objective  # noqa: E402
+from mlsm.pipeline.solvers import fista_fixed, lipschitz, nn_lasso  # noqa: E402
+from mlsm.pipeline.sparse_code import normalize_rows, sample_vectors  # noqa: E402
 
 
 def load_vectors(extract_dir: Path, layer: int | None, n: int, seed: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.solvers import duality_gap, fista_fixed, lipschitz, nn_lasso  # noqa: E402
+from mlsm.pipeline.solvers import duality_gap, fista_fixed, lipschitz, nn_lasso  # noqa: E402
 
 
 def synthetic(d: int, K: int, n: int, nnz: int, seed: int, dev) -> tuple[torch.Tensor, torch.Tensor]:

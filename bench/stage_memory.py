@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.corpus import resolve_corpus
+from mlsm.pipeline.corpus import resolve_corpus
 
 
 def run_child(args: list[str]) -> dict:

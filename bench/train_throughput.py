@@ -36,11 +36,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.solvers import fista_fixed, lipschitz  # noqa: E402
-from trainer import checkpoint  # noqa: E402
-from trainer.data import BatchIterator, Prefetcher, TokenData  # noqa: E402
-from trainer.model import BertConfig, Student  # noqa: E402
-from trainer.train import _adamw, param_groups, _to, train_step  # noqa: E402
+from mlsm.pipeline.solvers import fista_fixed, lipschitz  # noqa: E402
+from mlsm.trainer import checkpoint  # noqa: E402
+from mlsm.trainer.data import BatchIterator, Prefetcher, TokenData  # noqa: E402
+from mlsm.trainer.model import BertConfig, Student  # noqa: E402
+from mlsm.trainer.train import _adamw, param_groups, _to, train_step  # noqa: E402
 
 log = logging.getLogger("bench.train")
 MODES = ("mlm", "mlsm", "mlsm+mlm", "online")

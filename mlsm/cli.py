@@ -96,7 +96,7 @@ def cli(verbose: bool, threads: int | None):
 def corpus(npm_root: Path, out: Path, force: bool):
     """Build the default pre-training corpus (Brown + State of the Union, ~2.8M words)."""
     from mlsm.manifest import MANIFEST, new_manifest, write_json_atomic
-    from pipeline.corpus_build import build_default_corpus
+    from mlsm.pipeline.corpus_build import build_default_corpus
 
     if (out / MANIFEST).exists() and not force:
         log.info("corpus: %s is already built; nothing to do. Use --force to rebuild it.", out)
@@ -138,7 +138,7 @@ def extract(corpus_spec, out, aux, layers, max_len, max_tokens, shard_tokens, ba
       torchrun --nproc-per-node 8 -m mlsm.cli extract ...   (one GPU per rank)
     The shards are the same as a single worker's; the last worker to finish writes manifest.json.
     """
-    from pipeline.extract import run_extract
+    from mlsm.pipeline.extract import run_extract
 
     run_extract(corpus_spec, out, layers, aux=aux, max_len=max_len, max_tokens=max_tokens,
                 shard_tokens=shard_tokens, batch_tokens=batch_tokens, device=device, force=force,
@@ -184,7 +184,7 @@ def sparse_code(extract_dir, out, layer, K, lam, tol, dict_samples, heldout, bat
       mlsm sparse-code ... --dictionary-only
       mlsm sparse-code ... --shard-index i --num-shards n       (for each i; the last one merges)
     """
-    from pipeline.sparse_code import run_sparse_code
+    from mlsm.pipeline.sparse_code import run_sparse_code
 
     man = run_sparse_code(extract_dir, out, layer=layer, K=K, lam=lam, tol=tol, dict_samples=dict_samples,
                           heldout=heldout, batch_size=batch_size, top_k=top_k, values=values, seed=seed,
@@ -203,7 +203,7 @@ def sparse_code(extract_dir, out, layer, K, lam, tol, dict_samples, heldout, bat
 @NO_PROGRESS
 def tokenize(corpus_spec, out, tokenizer_from, max_len, max_tokens, force, no_progress):
     """Pack the corpus into tokens.h5 only (no auxiliary model): the input of --objective mlm."""
-    from pipeline.tokenize import run_tokenize
+    from mlsm.pipeline.tokenize import run_tokenize
 
     run_tokenize(corpus_spec, out, tokenizer_from=tokenizer_from, max_len=max_len, max_tokens=max_tokens,
                  force=force, progress=not no_progress)
@@ -247,7 +247,7 @@ def pretrain(data, out, objective, mlm_weight, model, init_from, steps, batch_si
     Several processes: `torchrun --nproc_per_node N -m mlsm.cli pretrain ...` (DDP: NCCL on GPUs,
     gloo on CPU); --batch-size stays the global batch.
     """
-    from trainer.train import PretrainConfig, run_pretrain
+    from mlsm.trainer.train import PretrainConfig, run_pretrain
 
     if not Path(data).exists():
         hint = "mlsm sparse-code (make sparse-code)" if objective == "mlsm" else "mlsm tokenize (make tokens)"
@@ -272,7 +272,7 @@ def pretrain(data, out, objective, mlm_weight, model, init_from, steps, batch_si
 @click.option("--label", "labels", multiple=True, help="Legend label per run (default: the folder names).")
 def plot(runs, out, smooth, labels):
     """Plot the loss curves of RUN [RUN ...] (their metrics.jsonl) into one PNG (needs matplotlib)."""
-    from trainer.plot import plot_runs
+    from mlsm.trainer.plot import plot_runs
 
     click.echo(str(plot_runs(list(runs), out, smooth=smooth, labels=list(labels) or None)))
 
@@ -288,7 +288,7 @@ def export(source, out, force):
     config.json + model.safetensors (BertModel names) + vocab.txt/tokenizer.json/tokenizer_config.json;
     the pre-training heads go to mlsm_head.safetensors / mlm_head.safetensors (docs/export.md).
     """
-    from trainer.export import export_model
+    from mlsm.trainer.export import export_model
 
     click.echo(json.dumps(export_model(source, out, force=force), indent=2))
 
@@ -305,7 +305,7 @@ def export(source, out, force):
 @FORCE
 def eval_data(pip_root, npm_root, out, tasks, seed, force):
     """Build the offline evaluation tasks (BBC News, WordNet supersenses, Brown POS) with fixed splits."""
-    from pipeline.eval_data import TASKS, build_eval_data
+    from mlsm.pipeline.eval_data import TASKS, build_eval_data
 
     specs = build_eval_data(pip_root, npm_root, out, tasks=tasks or TASKS, seed=seed, force=force)
     click.echo(json.dumps({t: s["splits"] for t, s in specs.items()}, indent=2))
@@ -340,7 +340,7 @@ def finetune(model, tasks, out, seeds, seed, epochs, lr, batch, weight_decay, wa
     Protocol defaults are DESIGN.md's: 3 epochs, lr 2e-5, batch 32, weight decay 0.01, 3 seeds.
     Scores are those after the last epoch (no selection on dev); test is scored when labelled.
     """
-    from trainer.finetune import FinetuneConfig, markdown_table, run_finetune
+    from mlsm.trainer.finetune import FinetuneConfig, markdown_table, run_finetune
 
     results = []
     for task in tasks:
@@ -371,7 +371,7 @@ def finetune(model, tasks, out, seeds, seed, epochs, lr, batch, weight_decay, wa
 @NO_PROGRESS
 def layer_report(extract_dir, out, layers, K, lam, samples, heldout, few, seed, device, no_progress):
     """Per extracted layer: held-out sparse-coding objective, nnz, atom-usage entropy, lexical atoms, aux FLOPs."""
-    from pipeline.layer_report import layer_report as run, markdown
+    from mlsm.pipeline.layer_report import layer_report as run, markdown
     from mlsm.device import pick_device
 
     rep = run(extract_dir, out, layers=layers or None, K=K, lam=lam, samples=samples, heldout=heldout, few=few,

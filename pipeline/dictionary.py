@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.solvers import nn_lasso
+from mlsm.pipeline.solvers import nn_lasso
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from mlsm.errors import MLSMError
 from mlsm.manifest import MANIFEST, atomic_path, new_manifest, write_json_atomic
-from pipeline.corpus_build import BROWN_PKG, brown_files, split_tag
+from mlsm.pipeline.corpus_build import BROWN_PKG, brown_files, split_tag
 
 log = logging.getLogger(__name__)
 

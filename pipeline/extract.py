@@ -30,10 +30,10 @@ from tqdm import tqdm
 from mlsm.device import pick_device
 from mlsm.errors import MLSMError
 from mlsm.manifest import MANIFEST, PROGRESS, new_manifest, write_json_atomic
-from pipeline import corpus as corpus_mod
-from pipeline.sequences import limit_tokens, pack_documents
-from pipeline.shards import shard_name, shard_rows, write_shard
-from pipeline.workers import (
+from mlsm.pipeline import corpus as corpus_mod
+from mlsm.pipeline.sequences import limit_tokens, pack_documents
+from mlsm.pipeline.shards import shard_name, shard_rows, write_shard
+from mlsm.pipeline.workers import (
     Worker, finish, merge_once, missing_workers, prepare_shared_stage, read_records, resolve_worker,
 )
 
@@ -143,7 +143,7 @@ def run_extract(
     Returns the stage manifest, or (for a worker that is not last) its own record with
     complete=False.
     """
-    from trainer import checkpoint
+    from mlsm.trainer import checkpoint
 
     out_dir = Path(out_dir)
     worker = resolve_worker(shard_index, num_shards)

@@ -24,9 +24,9 @@ import torch
 from mlsm import __version__
 from mlsm.errors import MLSMError
 from mlsm.manifest import read_manifest, write_json_atomic
-from pipeline.dictionary import learn_dictionary
-from pipeline.solvers import nn_lasso
-from pipeline.sparse_code import normalize_rows, read_sample, sample_rows
+from mlsm.pipeline.dictionary import learn_dictionary
+from mlsm.pipeline.solvers import nn_lasso
+from mlsm.pipeline.sparse_code import normalize_rows, read_sample, sample_rows
 
 log = logging.getLogger(__name__)
 

@@ -447,7 +447,7 @@ def nn_lasso(
     workers = max(1, min(int(workers), math.ceil(B / chunk_size)))
 
     if engine == "active-set":
-        from pipeline import active_set  # numba compiles (or loads its cache) on first use
+        from mlsm.pipeline import active_set  # numba compiles (or loads its cache) on first use
 
         dic = active_set.prepare(D, gram)
 

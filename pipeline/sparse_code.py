@@ -30,10 +30,10 @@ from mlsm.errors import MLSMError
 from mlsm.manifest import (
     MANIFEST, PROGRESS, atomic_path, new_manifest, read_manifest, sha256_file, sha256_json, write_json_atomic,
 )
-from pipeline.codes import dense_to_csr, merge_parts, part_rows, top_k_codes, write_part
-from pipeline.shards import iter_shard_batches, read_rows
-from pipeline.solvers import auto_engine, nn_lasso
-from pipeline.workers import (
+from mlsm.pipeline.codes import dense_to_csr, merge_parts, part_rows, top_k_codes, write_part
+from mlsm.pipeline.shards import iter_shard_batches, read_rows
+from mlsm.pipeline.solvers import auto_engine, nn_lasso
+from mlsm.pipeline.workers import (
     Worker, finish, merge_once, missing_workers, prepare_shared_stage, read_records, resolve_worker,
 )
 
@@ -97,7 +97,7 @@ def _load_dictionary(path: Path, dict_key: str):
 
 
 def _dictionary(extract_dir, out_dir, man, layer, K, lam, dict_samples, heldout, seed, device, dict_key, progress):
-    from pipeline.dictionary import learn_dictionary
+    from mlsm.pipeline.dictionary import learn_dictionary
 
     path = out_dir / "dictionary.h5"
     found = _load_dictionary(path, dict_key)
@@ -309,7 +309,7 @@ def _merge_codes(extract_dir: Path, out_dir: Path, worker: Worker) -> dict | Non
     for q in parts:
         with h5py.File(q, "r") as f:
             recon_sum += float(f.attrs["recon_err_sum"])
-    from trainer.checkpoint import load_tokenizer, tokenizer_fingerprint
+    from mlsm.trainer.checkpoint import load_tokenizer, tokenizer_fingerprint
 
     tok_fp = tokenizer_fingerprint(load_tokenizer(extract_dir / "tokenizer"))
     attrs = {

@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from mlsm.errors import MLSMError
 from mlsm.manifest import MANIFEST, PROGRESS, new_manifest, prepare_stage, write_json_atomic
-from pipeline import corpus as corpus_mod
-from pipeline.codes import merge_parts, write_part
-from pipeline.sequences import limit_tokens, pack_documents
+from mlsm.pipeline import corpus as corpus_mod
+from mlsm.pipeline.codes import merge_parts, write_part
+from mlsm.pipeline.sequences import limit_tokens, pack_documents
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def run_tokenize(
     force: bool = False,
     progress: bool = True,
 ) -> dict:
-    from trainer import checkpoint
+    from mlsm.trainer import checkpoint
 
     out_dir = Path(out_dir)
     paths = corpus_mod.resolve_corpus(corpus)

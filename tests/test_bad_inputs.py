@@ -224,7 +224,7 @@ def test_a_truncated_parquet_shard_is_an_error_naming_the_fix(pipe, tmp_path, ca
 
 def _fail_second_shard(monkeypatch, error: Exception):
     """The second Parquet shard write gets half-way to the disk, then fails; returns the undo."""
-    import pipeline.shards as shards
+    import mlsm.pipeline.shards as shards
 
     real, calls = shards.pq.write_table, []
 

@@ -1,7 +1,7 @@
 import h5py
 import numpy as np
 
-from pipeline.codes import dense_to_csr, merge_parts, write_part
+from mlsm.pipeline.codes import dense_to_csr, merge_parts, write_part
 
 
 def test_parts_merge_into_the_design_layout(tmp_path):
@@ -34,7 +34,7 @@ def test_parts_merge_into_the_design_layout(tmp_path):
 
 
 def test_top_k_keeps_the_largest_atoms_of_each_row_in_atom_order():
-    from pipeline.codes import top_k_codes
+    from mlsm.pipeline.codes import top_k_codes
 
     rng = np.random.default_rng(3)
     a = rng.random((50, 30)) * (rng.random((50, 30)) < 0.4)
@@ -54,7 +54,7 @@ def test_top_k_keeps_the_largest_atoms_of_each_row_in_atom_order():
 
 
 def test_truncation_kl_is_the_kl_of_the_renormalised_top_k_target():
-    from pipeline.codes import truncation_kl
+    from mlsm.pipeline.codes import truncation_kl
 
     rng = np.random.default_rng(4)
     a = rng.random((20, 12)) * (rng.random((20, 12)) < 0.6)

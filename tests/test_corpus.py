@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from mlsm.errors import MLSMError
-from pipeline import corpus as corpus_mod
-from pipeline.corpus import CorpusStats, corpus_fingerprint, iter_documents, require_nonempty, resolve_corpus
-from pipeline.corpus_build import (
+from mlsm.pipeline import corpus as corpus_mod
+from mlsm.pipeline.corpus import CorpusStats, corpus_fingerprint, iter_documents, require_nonempty, resolve_corpus
+from mlsm.pipeline.corpus_build import (
     brown_words,
     build_default_corpus,
     clean_sotu,

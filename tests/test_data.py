@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mlsm.errors import MLSMError
-from trainer.data import BatchIterator, TokenData, csr_take, mask_tokens, normalise_rows
+from mlsm.trainer.data import BatchIterator, TokenData, csr_take, mask_tokens, normalise_rows
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -50,7 +50,7 @@ def token_code(v: int) -> dict[int, float]:
 
 def make_dataset(folder: Path, *, n_seq: int = 200, max_len: int = 16, codes: bool = True, seed: int = 0) -> Path:
     """Sequences [CLS] w ... w [SEP] whose words all come from one topic (see token_code)."""
-    from trainer.checkpoint import load_tokenizer, tokenizer_fingerprint
+    from mlsm.trainer.checkpoint import load_tokenizer, tokenizer_fingerprint
 
     rng = np.random.default_rng(seed)
     tok_dir = make_tokenizer_dir(folder / "tokenizer")
@@ -321,7 +321,7 @@ def test_rank_slices_partition_the_global_batch(codes_h5):
 
 
 def test_prefetcher_is_transparent(codes_h5):
-    from trainer.data import Prefetcher
+    from mlsm.trainer.data import Prefetcher
 
     with TokenData(codes_h5) as data:
         plain = _iterator(data)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_data import make_dataset
-from trainer.train import PretrainConfig, run_pretrain
+from mlsm.trainer.train import PretrainConfig, run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

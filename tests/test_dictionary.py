@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.dictionary import DictResult, _reseed_dead, learn_dictionary, objective, spherical_kmeans_init
+from mlsm.pipeline.dictionary import DictResult, _reseed_dead, learn_dictionary, objective, spherical_kmeans_init
 
 LAM = 0.05
 
@@ -100,7 +100,7 @@ def test_heldout_objective_beats_kmeans_and_random_samples(data, learned):
 
 def test_objective_matches_explicit_codes(data):
     _, held, D_true = data
-    from pipeline.solvers import nn_lasso
+    from mlsm.pipeline.solvers import nn_lasso
 
     D = torch.from_numpy(D_true)
     X = torch.from_numpy(held)

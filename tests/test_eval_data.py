@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mlsm.errors import MLSMError
-from pipeline.eval_data import LEXNAMES, build_eval_data, supersense_examples, universal_tag
+from mlsm.pipeline.eval_data import LEXNAMES, build_eval_data, supersense_examples, universal_tag
 
 WN_NOUN = (
     "  1 This software and database is being provided to you, the LICENSEE\n"

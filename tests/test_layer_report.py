@@ -11,8 +11,8 @@ import torch
 
 from mlsm.errors import MLSMError
 from mlsm.manifest import MANIFEST, write_json_atomic
-from pipeline.layer_report import atom_stats, aux_flops_per_token, layer_report
-from pipeline.shards import write_shard
+from mlsm.pipeline.layer_report import atom_stats, aux_flops_per_token, layer_report
+from mlsm.pipeline.shards import write_shard
 
 D_HID, TYPES = 16, 8
 

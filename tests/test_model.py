@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mlsm.errors import MLSMError
-from trainer.checkpoint import load_encoder, load_tokenizer
-from trainer.model import PRESETS, BertConfig, BertEncoder, Student
+from mlsm.trainer.checkpoint import load_encoder, load_tokenizer
+from mlsm.trainer.model import PRESETS, BertConfig, BertEncoder, Student
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.objectives import dense_kl_reference, mlm_loss, mlsm_kl_loss
+from mlsm.trainer.objectives import dense_kl_reference, mlm_loss, mlsm_kl_loss
 
 
 def _random_sparse_targets(M: int, K: int, seed: int):

@@ -3,7 +3,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
-from pipeline.sequences import limit_tokens, pack_documents
+from mlsm.pipeline.sequences import limit_tokens, pack_documents
 
 WORDS = [f"w{i}" for i in range(50)]
 
@@ -50,7 +50,7 @@ def test_limit_tokens_stops_before_the_budget():
 
 
 def test_shard_cuts_depend_only_on_the_stream():
-    from pipeline.extract import cut_shards
+    from mlsm.pipeline.extract import cut_shards
 
     rng = np.random.default_rng(0)
     seqs = [np.zeros(n, np.int32) for n in rng.integers(3, 40, 200)]

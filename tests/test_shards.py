@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from mlsm.errors import MLSMError
-from pipeline.shards import iter_shard_batches, list_shards, read_rows, shard_name, write_shard
+from mlsm.pipeline.shards import iter_shard_batches, list_shards, read_rows, shard_name, write_shard
 
 
 def _shard(tmp_path, n=1000, d=8, layers=(2, 4)):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.solvers import LassoResult, duality_gap, fista_fixed, lipschitz, nn_lasso
+from mlsm.pipeline.solvers import LassoResult, duality_gap, fista_fixed, lipschitz, nn_lasso
 
 LAM = 0.05
 ENGINES = ["active-set", "bpp"]  # the CPU engine and the batched-torch (GPU) one, both runnable on CPU
@@ -308,7 +308,7 @@ def test_active_set_engine_alone_reaches_tol_on_hard_dictionaries(kind):
 def test_tight_tol_is_reached_with_the_float64_fallback(kind, caplog):
     # At tol 1e-5 float32 rounds stall just above tol on fullrank; the float64 fallback must finish them.
     X, D, lam = _hard_problem(kind, 0)
-    with caplog.at_level("WARNING", logger="pipeline.solvers"):
+    with caplog.at_level("WARNING", logger="mlsm.pipeline.solvers"):
         res = nn_lasso(X.float(), D.float(), lam, tol=1e-5, engine="active-set")
     p, gap = duality_gap(X.float().double(), D.float().double(), res.codes.double(), lam)
     assert (res.rel_gap <= 1e-5).all() and (gap / p <= 1e-5 + 1e-9).all()
@@ -317,7 +317,7 @@ def test_tight_tol_is_reached_with_the_float64_fallback(kind, caplog):
 
 def test_rows_left_above_tol_are_named_and_their_gap_is_honest(caplog):
     X, D, lam = _hard_problem("fullrank", 1)
-    with caplog.at_level("WARNING", logger="pipeline.solvers"):
+    with caplog.at_level("WARNING", logger="mlsm.pipeline.solvers"):
         res = nn_lasso(X.float(), D.float(), lam, tol=1e-12, engine="active-set", max_iter=1, fallback_steps=20)
     above = torch.nonzero(res.rel_gap > 1e-12).flatten().tolist()
     assert above and f"{len(above)} of 64 rows stopped above tol" in caplog.text

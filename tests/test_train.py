@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from mlsm.errors import MLSMError
 from tests.test_data import make_dataset, make_tokenizer_dir
-from trainer import checkpoint, train
-from trainer.model import BertConfig, Student
-from trainer.train import PretrainConfig, run_pretrain
+from mlsm.trainer import checkpoint, train
+from mlsm.trainer.model import BertConfig, Student
+from mlsm.trainer.train import PretrainConfig, run_pretrain
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
 NO_DROPOUT = dict(SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -209,7 +209,7 @@ def test_lr_schedule_and_decay_groups():
 
 def test_plot_writes_a_png_of_both_runs(codes_h5, tokens_h5, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from trainer.plot import plot_runs, read_run
+    from mlsm.trainer.plot import plot_runs, read_run
 
     run_pretrain(_cfg(codes_h5, tmp_path / "mlsm", steps=4, mlm_weight=1.0))
     run_pretrain(_cfg(tokens_h5, tmp_path / "mlm", objective="mlm", steps=4))

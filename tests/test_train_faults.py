@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from mlsm.errors import MLSMError
-from trainer import checkpoint, train
-from trainer.train import PretrainConfig, run_pretrain
+from mlsm.trainer import checkpoint, train
+from mlsm.trainer.train import PretrainConfig, run_pretrain
 
 from tests.test_train import TIMING, _metrics, codes_h5, one_thread  # noqa: F401  (fixtures shared with test_train)
 from tests.test_train import _cfg as _train_cfg
@@ -67,7 +67,7 @@ def _poison(monkeypatch, nan_loss_steps: set[int], inf_grad_steps: set[int] = fr
 def test_non_finite_steps_are_skipped_and_counted(codes_h5, tmp_path, monkeypatch, caplog):
     _poison(monkeypatch, nan_loss_steps={3}, inf_grad_steps={4})
     run = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="trainer.train"):
+    with caplog.at_level(logging.WARNING, logger="mlsm.trainer.train"):
         summary = run_pretrain(_cfg(codes_h5, run))
     assert summary["skipped_steps"] == 2 and math.isfinite(summary["final_loss"])
     assert "step 3: the loss is nan" in caplog.text and "skipped" in caplog.text
@@ -130,7 +130,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(codes_h5, tmp_path, c
     run_pretrain(_cfg(codes_h5, run, save_every=2))
     damage(run / "step-0000006" / file)
 
-    with caplog.at_level(logging.WARNING, logger="trainer.train"):
+    with caplog.at_level(logging.WARNING, logger="mlsm.trainer.train"):
         summary = run_pretrain(_cfg(codes_h5, run, save_every=2))
     assert "step-0000006 is damaged" in caplog.text and "falling back to the previous checkpoint" in caplog.text
     assert summary["start_step"] == 4

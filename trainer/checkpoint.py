@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from mlsm.errors import MLSMError
 from mlsm.manifest import atomic_path
-from trainer.model import BertConfig, BertEncoder, Student
+from mlsm.trainer.model import BertConfig, BertEncoder, Student
 
 log = logging.getLogger(__name__)
 

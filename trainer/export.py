@@ -17,8 +17,8 @@ import torch
 from mlsm import __version__
 from mlsm.errors import MLSMError
 from mlsm.manifest import atomic_path
-from trainer import checkpoint
-from trainer.model import BertConfig, MLSMHead
+from mlsm.trainer import checkpoint
+from mlsm.trainer.model import BertConfig, MLSMHead
 
 log = logging.getLogger(__name__)
 

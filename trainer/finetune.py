@@ -31,9 +31,9 @@ from mlsm import __version__
 from mlsm.device import pick_device
 from mlsm.errors import MLSMError
 from mlsm.manifest import write_json_atomic
-from trainer import checkpoint
-from trainer.metrics import mean_std, scores
-from trainer.train import param_groups, lr_at
+from mlsm.trainer import checkpoint
+from mlsm.trainer.metrics import mean_std, scores
+from mlsm.trainer.train import param_groups, lr_at
 
 log = logging.getLogger(__name__)
 

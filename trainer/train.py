@@ -28,11 +28,11 @@ from mlsm import __version__
 from mlsm.device import pick_device
 from mlsm.errors import MLSMError
 from mlsm.manifest import atomic_path, write_json_atomic
-from pipeline.lineage import check_codes_file
-from trainer import checkpoint, distributed
-from trainer.data import MASK_POLICIES, BatchIterator, Prefetcher, TokenData
-from trainer.model import BertConfig, Student
-from trainer.objectives import mlm_loss, mlsm_kl_loss
+from mlsm.pipeline.lineage import check_codes_file
+from mlsm.trainer import checkpoint, distributed
+from mlsm.trainer.data import MASK_POLICIES, BatchIterator, Prefetcher, TokenData
+from mlsm.trainer.model import BertConfig, Student
+from mlsm.trainer.objectives import mlm_loss, mlsm_kl_loss
 
 log = logging.getLogger(__name__)
 
