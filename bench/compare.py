@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlsm.errors import MLSMError  # noqa: E402
+from mlsm.core.errors import MLSMError  # noqa: E402
 
 log = logging.getLogger("compare")
 
@@ -83,8 +83,8 @@ def random_init_dir(work: Path, like: Path, model: str, seed: int) -> Path:
     """A never-trained student of the same size and tokenizer: the floor every objective must beat."""
     import torch
 
-    from mlsm.trainer.checkpoint import save_model_dir
-    from mlsm.trainer.model import BertConfig, Student
+    from mlsm.core.hf import save_model_dir
+    from mlsm.core.bert import BertConfig, Student
 
     out = work / "runs" / "random-init" / "step-0000000"
     if (out / "model.safetensors").is_file():

@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 import torch
 
-from mlsm.device import pick_device
+from mlsm.core.device import pick_device
 from mlsm.pipeline import corpus as corpus_mod
 from mlsm.pipeline.codes import merge_parts, top_k_codes, truncation_kl, write_part
 from mlsm.pipeline.extract import _batches, cut_shards, forward_batch, run_extract
@@ -99,7 +99,7 @@ def code_table(codes_path: Path, work: Path, chunk_tokens: int = 65536) -> tuple
 
 
 def main(argv=None) -> dict:
-    from mlsm.trainer import checkpoint
+    from mlsm.core import hf
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default="data/corpus")
@@ -121,10 +121,10 @@ def main(argv=None) -> dict:
     layers = [int(x) for x in a.layers.split(",")]
     dev = pick_device(a.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model_dir = checkpoint.resolve_model_dir(a.aux)
-    tokenizer = checkpoint.load_tokenizer(model_dir)
-    special = checkpoint.special_token_ids(tokenizer)
-    encoder, config, _ = checkpoint.load_encoder(a.aux, device=dev)
+    model_dir = hf.resolve_model_dir(a.aux)
+    tokenizer = hf.load_tokenizer(model_dir)
+    special = hf.special_token_ids(tokenizer)
+    encoder, config, _ = hf.load_encoder(a.aux, device=dev)
 
     packed, t_pack = pack(a.corpus, tokenizer, special, a.max_len, max(a.tokens, a.tokenize_tokens))
     n_packed = sum(len(s) for s in packed)
@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
         "top_k": table,
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "threads": torch.get_num_threads(),
-        "aux": str(a.aux or checkpoint.DEFAULT_AUX), "d": config.hidden_size, "layers": layers,
+        "aux": str(a.aux or hf.DEFAULT_AUX), "d": config.hidden_size, "layers": layers,
         "batch_tokens": a.batch_tokens,
         "load": [round(x, 2) for x in os.getloadavg()],
     }

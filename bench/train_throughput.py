@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mlsm.pipeline.solvers import fista_fixed, lipschitz  # noqa: E402
-from mlsm.trainer import checkpoint  # noqa: E402
+from mlsm.core import hf  # noqa: E402
 from mlsm.trainer.data import BatchIterator, Prefetcher, TokenData  # noqa: E402
-from mlsm.trainer.model import BertConfig, Student  # noqa: E402
+from mlsm.core.bert import BertConfig, Student  # noqa: E402
 from mlsm.trainer.train import _adamw, param_groups, _to, train_step  # noqa: E402
 
 log = logging.getLogger("bench.train")
@@ -79,7 +79,7 @@ def build_codes(args) -> Path:
 
 
 def make_batches(data: TokenData, tok, args, with_targets: bool, device: torch.device):
-    special = checkpoint.special_token_ids(tok)
+    special = hf.special_token_ids(tok)
     it = BatchIterator(
         data, args.batch_size, seed=0, mask_id=special["mask"], vocab_size=tok.get_vocab_size(with_added_tokens=True),
         special_ids=[special[k] for k in ("cls", "sep", "pad", "mask")], with_targets=with_targets,
@@ -136,7 +136,7 @@ def trainer_mode(mode: str, config, data, tok, args, device, bf16) -> dict:
 
 def online_mode(config, data, tok, args, device, bf16) -> dict:
     """The reference's step: aux forward (unmasked) → FISTA on masked tokens → vocabulary+K head, KL loss."""
-    aux, aux_cfg, _ = checkpoint.load_encoder("minilm", device=device)
+    aux, aux_cfg, _ = hf.load_encoder("minilm", device=device)
     with h5py.File(Path(args.codes).parent / "dictionary.h5", "r") as f:
         D = torch.from_numpy(f["D"][:]).to(device)
     lam = float(data.attrs.get("lambda", 0.05))
@@ -232,8 +232,8 @@ def main(argv=None) -> dict:
     args.codes = str(Path(args.codes) if args.codes else build_codes(args))
 
     data = TokenData(args.codes)
-    tok = checkpoint.load_tokenizer(Path(args.codes).parent / "tokenizer")
-    data.pad_id = checkpoint.special_token_ids(tok)["pad"]
+    tok = hf.load_tokenizer(Path(args.codes).parent / "tokenizer")
+    data.pad_id = hf.special_token_ids(tok)["pad"]
     config = BertConfig.preset(args.model, tok.get_vocab_size(with_added_tokens=True))
     results: dict[str, dict] = {}
     for mode in modes:

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from mlsm import __version__
-from mlsm.errors import MLSMError
+from mlsm.core.errors import MLSMError
 
 log = logging.getLogger("mlsm")
 
@@ -95,7 +95,7 @@ def cli(verbose: bool, threads: int | None):
 @FORCE
 def corpus(npm_root: Path, out: Path, force: bool):
     """Build the default pre-training corpus (Brown + State of the Union, ~2.8M words)."""
-    from mlsm.manifest import MANIFEST, new_manifest, write_json_atomic
+    from mlsm.core.manifest import MANIFEST, new_manifest, write_json_atomic
     from mlsm.pipeline.corpus_build import build_default_corpus
 
     if (out / MANIFEST).exists() and not force:
@@ -372,7 +372,7 @@ def finetune(model, tasks, out, seeds, seed, epochs, lr, batch, weight_decay, wa
 def layer_report(extract_dir, out, layers, K, lam, samples, heldout, few, seed, device, no_progress):
     """Per extracted layer: held-out sparse-coding objective, nnz, atom-usage entropy, lexical atoms, aux FLOPs."""
     from mlsm.pipeline.layer_report import layer_report as run, markdown
-    from mlsm.device import pick_device
+    from mlsm.core.device import pick_device
 
     rep = run(extract_dir, out, layers=layers or None, K=K, lam=lam, samples=samples, heldout=heldout, few=few,
               seed=seed, device=str(pick_device(device)), progress=not no_progress)

@@ -19,8 +19,8 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-from mlsm.errors import MLSMError
-from mlsm.manifest import atomic_path
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from typing import IO, Iterable, Iterator
 
 from tqdm import tqdm
 
-from mlsm.errors import MLSMError
-from mlsm.manifest import files_fingerprint
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import files_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mlsm.errors import MLSMError
-from mlsm.manifest import atomic_path
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mlsm.device import pick_device
-from mlsm.errors import MLSMError
-from mlsm.manifest import MANIFEST, PROGRESS, new_manifest, write_json_atomic
+from mlsm.core import hf
+from mlsm.core.device import pick_device
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import MANIFEST, PROGRESS, new_manifest, write_json_atomic
 from mlsm.pipeline import corpus as corpus_mod
 from mlsm.pipeline.sequences import limit_tokens, pack_documents
 from mlsm.pipeline.shards import shard_name, shard_rows, write_shard
@@ -143,29 +144,27 @@ def run_extract(
     Returns the stage manifest, or (for a worker that is not last) its own record with
     complete=False.
     """
-    from mlsm.trainer import checkpoint
-
     out_dir = Path(out_dir)
     worker = resolve_worker(shard_index, num_shards)
     try:
         return _run_extract(worker, corpus, out_dir, layers, aux, max_len, max_tokens, shard_tokens,
-                            batch_tokens, device, force, progress, checkpoint)
+                            batch_tokens, device, force, progress)
     finally:
         finish(worker)
 
 
 def _run_extract(worker: Worker, corpus, out_dir, layers, aux, max_len, max_tokens, shard_tokens, batch_tokens,
-                 device, force, progress, checkpoint) -> dict:
+                 device, force, progress) -> dict:
     paths = corpus_mod.resolve_corpus(corpus)
-    model_dir = checkpoint.resolve_model_dir(aux)
-    tokenizer = checkpoint.load_tokenizer(model_dir)
-    special = checkpoint.special_token_ids(tokenizer)
+    model_dir = hf.resolve_model_dir(aux)
+    tokenizer = hf.load_tokenizer(model_dir)
+    special = hf.special_token_ids(tokenizer)
     layers = sorted(set(int(l) for l in layers))
     params = {"layers": layers, "max_len": max_len, "max_tokens": max_tokens, "shard_tokens": shard_tokens}
     inputs = {
         "corpus": corpus_mod.corpus_fingerprint(paths),
-        "aux_weights": checkpoint.weights_fingerprint(model_dir),
-        "tokenizer": checkpoint.tokenizer_fingerprint(tokenizer),
+        "aux_weights": hf.weights_fingerprint(model_dir),
+        "tokenizer": hf.tokenizer_fingerprint(tokenizer),
     }
     state, old = prepare_shared_stage(worker, out_dir, "extract", params, inputs, force,
                                       ["shard-*.parquet", "tokenizer", WORKERS_DIR])
@@ -179,16 +178,16 @@ def _run_extract(worker: Worker, corpus, out_dir, layers, aux, max_len, max_toke
         return old
 
     dev = pick_device(device)
-    encoder, config, _ = checkpoint.load_encoder(aux, device=dev)
+    encoder, config, _ = hf.load_encoder(aux, device=dev)
     bad = [l for l in layers if not 0 <= l <= config.num_hidden_layers]
     if bad:
         raise MLSMError(f"layers {bad} do not exist: the auxiliary model has layers 0..{config.num_hidden_layers}.")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if worker.index == 0:
-        checkpoint.copy_tokenizer_files(model_dir, out_dir / "tokenizer")
+        hf.copy_tokenizer_files(model_dir, out_dir / "tokenizer")
 
     stage_doc = new_manifest("extract", params, inputs)
-    stage_doc.update(aux=str(aux or checkpoint.DEFAULT_AUX), aux_config=config.to_hf(), d=config.hidden_size,
+    stage_doc.update(aux=str(aux or hf.DEFAULT_AUX), aux_config=config.to_hf(), d=config.hidden_size,
                      special_ids=special, corpus_files=[str(p) for p in paths])
     write_json_atomic(out_dir / PROGRESS, stage_doc)
     done = _done_shards(out_dir)

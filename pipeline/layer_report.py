@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from mlsm import __version__
-from mlsm.errors import MLSMError
-from mlsm.manifest import read_manifest, write_json_atomic
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import read_manifest, write_json_atomic
 from mlsm.pipeline.dictionary import learn_dictionary
 from mlsm.pipeline.solvers import nn_lasso
 from mlsm.pipeline.sparse_code import normalize_rows, read_sample, sample_rows

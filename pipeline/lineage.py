@@ -14,8 +14,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from mlsm.errors import MLSMError
-from mlsm.manifest import MANIFEST
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import MANIFEST
 
 
 def _rebuild(folder: Path, man: dict) -> str:

@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlsm.errors import MLSMError
-from mlsm.manifest import atomic_path
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import atomic_path
 
 log = logging.getLogger(__name__)
 

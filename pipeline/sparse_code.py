@@ -25,9 +25,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from mlsm.device import pick_device
-from mlsm.errors import MLSMError
-from mlsm.manifest import (
+from mlsm.core.device import pick_device
+from mlsm.core.hf import load_tokenizer, tokenizer_fingerprint
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import (
     MANIFEST, PROGRESS, atomic_path, new_manifest, read_manifest, sha256_file, sha256_json, write_json_atomic,
 )
 from mlsm.pipeline.codes import dense_to_csr, merge_parts, part_rows, top_k_codes, write_part
@@ -309,8 +310,6 @@ def _merge_codes(extract_dir: Path, out_dir: Path, worker: Worker) -> dict | Non
     for q in parts:
         with h5py.File(q, "r") as f:
             recon_sum += float(f.attrs["recon_err_sum"])
-    from mlsm.trainer.checkpoint import load_tokenizer, tokenizer_fingerprint
-
     tok_fp = tokenizer_fingerprint(load_tokenizer(extract_dir / "tokenizer"))
     attrs = {
         "lambda": p["lambda"], "K": p["K"], "layer": p["layer"], "solver": SOLVER_NAME, "tolerance": p["tol"],

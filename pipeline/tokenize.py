@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mlsm.errors import MLSMError
-from mlsm.manifest import MANIFEST, PROGRESS, new_manifest, prepare_stage, write_json_atomic
+from mlsm.core import hf
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import MANIFEST, PROGRESS, new_manifest, prepare_stage, write_json_atomic
 from mlsm.pipeline import corpus as corpus_mod
 from mlsm.pipeline.codes import merge_parts, write_part
 from mlsm.pipeline.sequences import limit_tokens, pack_documents
@@ -34,14 +35,12 @@ def run_tokenize(
     force: bool = False,
     progress: bool = True,
 ) -> dict:
-    from mlsm.trainer import checkpoint
-
     out_dir = Path(out_dir)
     paths = corpus_mod.resolve_corpus(corpus)
-    model_dir = checkpoint.resolve_model_dir(tokenizer_from)
-    tokenizer = checkpoint.load_tokenizer(model_dir)
-    special = checkpoint.special_token_ids(tokenizer)
-    tok_fp = checkpoint.tokenizer_fingerprint(tokenizer)
+    model_dir = hf.resolve_model_dir(tokenizer_from)
+    tokenizer = hf.load_tokenizer(model_dir)
+    special = hf.special_token_ids(tokenizer)
+    tok_fp = hf.tokenizer_fingerprint(tokenizer)
     params = {"max_len": max_len, "max_tokens": max_tokens, "part_tokens": part_tokens}
     inputs = {"corpus": corpus_mod.corpus_fingerprint(paths), "tokenizer": tok_fp}
     state, old = prepare_stage(out_dir, "tokenize", params, inputs, force, ["tokens.h5", "parts", "tokenizer"])
@@ -50,7 +49,7 @@ def run_tokenize(
         return old
     parts_dir = out_dir / "parts"
     parts_dir.mkdir(exist_ok=True)
-    checkpoint.copy_tokenizer_files(model_dir, out_dir / "tokenizer")
+    hf.copy_tokenizer_files(model_dir, out_dir / "tokenizer")
     doc = new_manifest("tokenize", params, inputs)
     write_json_atomic(out_dir / PROGRESS, doc)
 

@@ -20,7 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mlsm.errors import MLSMError
+from mlsm.core.errors import MLSMError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def merge_once(folder: Path, stage: str, merge: Callable[[], dict | None]) -> di
     Safe to call from every worker at any time: one merges under the folder's lock; the others
     see the lock (None) or the finished manifest.
     """
-    from mlsm.manifest import MANIFEST
+    from mlsm.core.manifest import MANIFEST
 
     folder = Path(folder)
     with merge_lock(folder) as mine:
@@ -123,7 +123,7 @@ def merge_once(folder: Path, stage: str, merge: Callable[[], dict | None]) -> di
 def prepare_shared_stage(worker: Worker, out_dir: Path, stage: str, params: dict, inputs: dict, force: bool,
                          outputs: list[str]) -> tuple[str, dict | None]:
     """prepare_stage for one of several workers sharing out_dir: only one of them may clear it."""
-    from mlsm.manifest import prepare_stage
+    from mlsm.core.manifest import prepare_stage
 
     if force and worker.count > 1 and not worker.distributed:
         raise MLSMError(f"--force with --num-shards {worker.count} would let one worker delete the others' work. "

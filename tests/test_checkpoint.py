@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlsm.errors import MLSMError
-from mlsm.trainer.checkpoint import (
+from mlsm.core.errors import MLSMError
+from mlsm.core.hf import (
     copy_tokenizer_files,
     load_encoder,
     load_student,
@@ -22,7 +22,7 @@ from mlsm.trainer.checkpoint import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
-from mlsm.trainer.model import BertConfig, Student
+from mlsm.core.bert import BertConfig, Student
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -166,7 +166,7 @@ def test_load_student_without_heads_keeps_fresh_init(tmp_path, tiny_student, min
     out = tmp_path / "enc_only"
     _save(tiny_student, out, minilm_dir, tensors=tiny_student.encoder_state_dict())
     torch.manual_seed(123)
-    with caplog.at_level(logging.INFO, logger="mlsm.trainer.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="mlsm.core.hf"):
         s = load_student(out, num_atoms=13, mlm=True)
     assert "no mlsm_head weights" in caplog.text
     assert torch.equal(s.encoder.embeddings.word_embeddings.weight, tiny_student.encoder.embeddings.word_embeddings.weight)

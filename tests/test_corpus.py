@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlsm.errors import MLSMError
+from mlsm.core.errors import MLSMError
 from mlsm.pipeline import corpus as corpus_mod
 from mlsm.pipeline.corpus import CorpusStats, corpus_fingerprint, iter_documents, require_nonempty, resolve_corpus
 from mlsm.pipeline.corpus_build import (

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlsm.errors import MLSMError
+from mlsm.core.errors import MLSMError
 from mlsm.trainer.data import BatchIterator, TokenData, csr_take, mask_tokens, normalise_rows
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4
@@ -50,7 +50,7 @@ def token_code(v: int) -> dict[int, float]:
 
 def make_dataset(folder: Path, *, n_seq: int = 200, max_len: int = 16, codes: bool = True, seed: int = 0) -> Path:
     """Sequences [CLS] w ... w [SEP] whose words all come from one topic (see token_code)."""
-    from mlsm.trainer.checkpoint import load_tokenizer, tokenizer_fingerprint
+    from mlsm.core.hf import load_tokenizer, tokenizer_fingerprint
 
     rng = np.random.default_rng(seed)
     tok_dir = make_tokenizer_dir(folder / "tokenizer")

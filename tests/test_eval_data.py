@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mlsm.errors import MLSMError
+from mlsm.core.errors import MLSMError
 from mlsm.pipeline.eval_data import LEXNAMES, build_eval_data, supersense_examples, universal_tag
 
 WN_NOUN = (

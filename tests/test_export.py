@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from mlsm.cli import cli
-from mlsm.errors import MLSMError
+from mlsm.core.errors import MLSMError
 from tests.test_data import make_tokenizer_dir
-from mlsm.trainer.checkpoint import save_model_dir
+from mlsm.core.hf import save_model_dir
 from mlsm.trainer.export import MLM_HEAD_FILE, MLSM_HEAD_FILE, export_model, load_mlsm_head
-from mlsm.trainer.model import BertConfig, Student
+from mlsm.core.bert import BertConfig, Student
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              max_position_embeddings=32)

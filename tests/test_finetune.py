@@ -10,13 +10,13 @@ import torch
 from click.testing import CliRunner
 
 from mlsm.cli import cli
-from mlsm.errors import MLSMError
+from mlsm.core.errors import MLSMError
 from tests.test_train import one_thread  # noqa: F401  (autouse: tiny models on one thread)
-from mlsm.trainer.checkpoint import save_model_dir
+from mlsm.core.hf import save_model_dir
 from mlsm.trainer.export import export_model
 from mlsm.trainer.finetune import FinetuneConfig, load_task, markdown_table, read_classification, run_finetune
 from mlsm.trainer.metrics import accuracy, macro_f1, mcc, mean_std, scores
-from mlsm.trainer.model import BertConfig, Student
+from mlsm.core.bert import BertConfig, Student
 
 N_WORDS = 45  # words w0..w44 in 5 topics of 9
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

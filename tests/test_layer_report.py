@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlsm.errors import MLSMError
-from mlsm.manifest import MANIFEST, write_json_atomic
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import MANIFEST, write_json_atomic
 from mlsm.pipeline.layer_report import atom_stats, aux_flops_per_token, layer_report
 from mlsm.pipeline.shards import write_shard
 

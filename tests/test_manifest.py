@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from mlsm.errors import MLSMError
-from mlsm.manifest import MANIFEST, PROGRESS, atomic_path, prepare_stage, read_manifest, write_json_atomic
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import MANIFEST, PROGRESS, atomic_path, prepare_stage, read_manifest, write_json_atomic
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
@@ -63,7 +63,7 @@ def test_stale_temps_of_dead_writers_are_removed_live_and_foreign_ones_kept(tmp_
     import os
     import subprocess
 
-    from mlsm.manifest import _HOST, remove_stale_temps
+    from mlsm.core.manifest import _HOST, remove_stale_temps
 
     p = subprocess.Popen(["true"])  # its pid is a writer that has exited
     p.wait()

@@ -4,9 +4,9 @@ and run the heads only at masked positions."""
 import pytest
 import torch
 
-from mlsm.errors import MLSMError
-from mlsm.trainer.checkpoint import load_encoder, load_tokenizer
-from mlsm.trainer.model import PRESETS, BertConfig, BertEncoder, Student
+from mlsm.core.errors import MLSMError
+from mlsm.core.hf import load_encoder, load_tokenizer
+from mlsm.core.bert import PRESETS, BertConfig, BertEncoder, Student
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",

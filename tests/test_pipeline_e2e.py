@@ -71,7 +71,7 @@ def test_extract_writes_readable_shards_and_manifest(extracted):
 
 
 def test_extract_matches_a_direct_forward_pass(extracted):
-    from mlsm.trainer.checkpoint import load_encoder
+    from mlsm.core.hf import load_encoder
 
     df = pd.read_parquet(extracted / "shard-00000.parquet")
     seq = df[df.seq_id == 1]

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlsm.errors import MLSMError
+from mlsm.core.errors import MLSMError
 from mlsm.pipeline.shards import iter_shard_batches, list_shards, read_rows, shard_name, write_shard
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlsm.errors import MLSMError
+from mlsm.core.errors import MLSMError
 from tests.test_data import make_dataset, make_tokenizer_dir
-from mlsm.trainer import checkpoint, train
-from mlsm.trainer.model import BertConfig, Student
+from mlsm.core import hf
+from mlsm.trainer import train
+from mlsm.core.bert import BertConfig, Student
 from mlsm.trainer.train import PretrainConfig, run_pretrain
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
@@ -75,7 +76,7 @@ def test_loss_falls_and_run_is_written(codes_h5, tmp_path):
     assert "embeddings.word_embeddings.weight" in tensors and "mlsm_head.decoder.weight" in tensors
     state = torch.load(ck / "trainer_state.pt", weights_only=True)
     assert state["step"] == 30 and {"optimizer", "rng", "data", "scheduler", "config"} <= set(state)
-    student = checkpoint.load_student(ck, 20, mlm=False)
+    student = hf.load_student(ck, 20, mlm=False)
     torch.testing.assert_close(student.mlsm_head.decoder.weight, tensors["mlsm_head.decoder.weight"])
 
     again = run_pretrain(_cfg(codes_h5, run, steps=30, batch_size=32))  # finished: nothing to do
@@ -161,7 +162,7 @@ def _model_dir(folder: Path, tok_dir: Path, seed: int) -> tuple[Path, Student]:
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=50, **SMALL)
     student = Student(config, None, mlm=True)
-    checkpoint.save_model_dir(folder, config, {**student.encoder_state_dict(), **student.head_state_dict()}, tok_dir)
+    hf.save_model_dir(folder, config, {**student.encoder_state_dict(), **student.head_state_dict()}, tok_dir)
     return folder, student
 
 

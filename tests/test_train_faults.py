@@ -18,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlsm.errors import MLSMError
-from mlsm.trainer import checkpoint, train
+from mlsm.core.errors import MLSMError
+from mlsm.core import hf, manifest
+from mlsm.trainer import train
 from mlsm.trainer.train import PretrainConfig, run_pretrain
 
 from tests.test_train import TIMING, _metrics, codes_h5, one_thread  # noqa: F401  (fixtures shared with test_train)
@@ -91,7 +92,7 @@ def test_consecutive_bad_steps_stop_the_run(codes_h5, tmp_path, monkeypatch):
     assert "--max-bad-steps" in str(e.value)
     assert sorted(p.name for p in run.glob("step-*")) == ["step-0000002", "step-0000004"]
     for s in (2, 4):
-        assert checkpoint.checksum_problem(run / f"step-000000{s}") is None
+        assert manifest.checksum_problem(run / f"step-000000{s}") is None
     # Step 4 was skipped, so the step-4 checkpoint holds the weights of step 3 of a clean run.
     monkeypatch.undo()
     ref = tmp_path / "ref"
@@ -113,7 +114,7 @@ def _flip_byte(path: Path) -> None:
 
 
 def _truncate_without_checksums(path: Path) -> None:  # a checkpoint written before checksums existed
-    (path.parent / checkpoint.CHECKSUMS).unlink()
+    (path.parent / manifest.CHECKSUMS).unlink()
     _truncate(path)
 
 
@@ -140,7 +141,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(codes_h5, tmp_path, c
     assert strip(_metrics(run)) == strip(_metrics(straight))
     # A run folder given as a model skips a damaged checkpoint too.
     damage(run / "step-0000006" / file) if damage is not _truncate_without_checksums else _truncate(run / "step-0000006" / file)
-    assert checkpoint.resolve_model_dir(str(run)).name == "step-0000004"
+    assert hf.resolve_model_dir(str(run)).name == "step-0000004"
 
 
 # --------------------------------------------------------------------------- SIGKILL at random points
@@ -194,7 +195,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(codes_h5, tmp_pat
         proc.communicate(timeout=60)
         # Whatever a kill interrupts, no checkpoint that looks complete is damaged.
         for ck in run.glob("step-*"):
-            assert checkpoint.checksum_problem(ck) is None, ck
+            assert manifest.checksum_problem(ck) is None, ck
     assert killed >= 2, f"only {killed} of the runs were still going at their kill point"
 
     final = subprocess.run(_pretrain_cmd(codes_h5, run), env=_env(), cwd=ROOT, capture_output=True, text=True,

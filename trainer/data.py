@@ -21,8 +21,8 @@ import h5py
 import numpy as np
 import torch
 
-from mlsm.errors import MLSMError
-from mlsm.manifest import sha256_json
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import sha256_json
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mlsm.errors import MLSMError
+from mlsm.core.errors import MLSMError
 
 log = logging.getLogger(__name__)
 

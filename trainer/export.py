@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from mlsm import __version__
-from mlsm.errors import MLSMError
-from mlsm.manifest import atomic_path
-from mlsm.trainer import checkpoint
-from mlsm.trainer.model import BertConfig, MLSMHead
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import atomic_path
+from mlsm.core import hf
+from mlsm.core.bert import BertConfig, MLSMHead
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def _tokenizer_config(model_dir: Path, tok) -> dict:
 
 def _write_tokenizer(model_dir: Path, out: Path) -> None:
     """Copy the tokenizer files and fill in whichever of tokenizer.json / vocab.txt / config is missing."""
-    tok = checkpoint.load_tokenizer(model_dir)
-    checkpoint.copy_tokenizer_files(model_dir, out)
+    tok = hf.load_tokenizer(model_dir)
+    hf.copy_tokenizer_files(model_dir, out)
     if not (out / "tokenizer.json").is_file():
         tok.save(str(out / "tokenizer.json"))
     if not (out / "vocab.txt").is_file():
@@ -69,14 +69,14 @@ def export_model(src: str | Path, out: Path, force: bool = False) -> dict:
     """
     from safetensors.torch import save_file
 
-    model_dir = checkpoint.resolve_model_dir(str(src))
+    model_dir = hf.resolve_model_dir(str(src))
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not force:
             raise MLSMError(f"{out} already exists and is not empty; pass --force to replace it or choose another --out.")
-    encoder, config, _ = checkpoint.load_encoder(str(model_dir))
-    tensors = checkpoint._strip_prefix(checkpoint._read_tensors(model_dir))
-    src_cfg = json.loads((model_dir / checkpoint.CONFIG).read_text(encoding="utf-8"))
+    encoder, config, _ = hf.load_encoder(str(model_dir))
+    tensors = hf._strip_prefix(hf._read_tensors(model_dir))
+    src_cfg = json.loads((model_dir / hf.CONFIG).read_text(encoding="utf-8"))
     meta = src_cfg.get("mlsm") or {}
 
     heads: dict[str, dict[str, torch.Tensor]] = {}
@@ -104,9 +104,9 @@ def export_model(src: str | Path, out: Path, force: bool = False) -> dict:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        (tmp / checkpoint.CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / hf.CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         enc = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
-        save_file(enc, str(tmp / checkpoint.SAFETENSORS), metadata={"format": "pt"})
+        save_file(enc, str(tmp / hf.SAFETENSORS), metadata={"format": "pt"})
         for name, part in heads.items():
             head_meta = {"format": "pt", "head": name, "hidden_size": str(config.hidden_size)}
             if name == "mlsm_head":
@@ -128,7 +128,7 @@ def load_mlsm_head(export_dir: Path) -> MLSMHead:
     path = export_dir / MLSM_HEAD_FILE
     if not path.is_file():
         raise MLSMError(f"{export_dir} has no {MLSM_HEAD_FILE}: the exported model was not trained with MLSM.")
-    config = BertConfig.from_hf(json.loads((export_dir / checkpoint.CONFIG).read_text(encoding="utf-8")))
+    config = BertConfig.from_hf(json.loads((export_dir / hf.CONFIG).read_text(encoding="utf-8")))
     with safe_open(str(path), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     head = MLSMHead(config, int(state["decoder.weight"].shape[0]))

@@ -28,10 +28,10 @@ from torch import nn
 from tqdm import tqdm
 
 from mlsm import __version__
-from mlsm.device import pick_device
-from mlsm.errors import MLSMError
-from mlsm.manifest import write_json_atomic
-from mlsm.trainer import checkpoint
+from mlsm.core.device import pick_device
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import write_json_atomic
+from mlsm.core import hf
 from mlsm.trainer.metrics import mean_std, scores
 from mlsm.trainer.train import param_groups, lr_at
 
@@ -311,7 +311,7 @@ def predict(model: Classifier, data: list[Example], pad_id: int, device, batch: 
 def run_seed(cfg: FinetuneConfig, task: Task, encoded: dict[str, list[Example]], seed: int, device, pad_id: int) -> dict:
     """Fine-tune a fresh copy of the encoder with one seed; scores after the last epoch."""
     torch.manual_seed(seed)
-    encoder, _, _ = checkpoint.load_encoder(cfg.model, device=device)
+    encoder, _, _ = hf.load_encoder(cfg.model, device=device)
     token_task = task.kind == "token"
     model = Classifier(encoder, len(task.labels), token_task).to(device)
     train = encoded["train"]
@@ -402,16 +402,16 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     """All seeds on one task; writes results.json and results.md into out_dir (if given)."""
     _validate(cfg)
     device = pick_device(cfg.device)
-    model_dir = checkpoint.resolve_model_dir(cfg.model)
+    model_dir = hf.resolve_model_dir(cfg.model)
     if model_dir.name.startswith("step-"):
         model_name = f"{model_dir.parent.name}/{model_dir.name}"
     else:  # an alias (`minilm`) names itself; a folder by its name
         model_name = cfg.model if not Path(cfg.model).exists() else model_dir.name
     cfg = dataclasses.replace(cfg, model=str(model_dir))
     task = load_task(cfg.task, cfg.text_cols, cfg.label_col)
-    tok = checkpoint.load_tokenizer(model_dir)
+    tok = hf.load_tokenizer(model_dir)
     tok.enable_truncation(max_length=cfg.max_len)
-    pad_id = checkpoint.special_token_ids(tok)["pad"]
+    pad_id = hf.special_token_ids(tok)["pad"]
     # Seeded subsamples, never the first rows: files are often sorted by label or source.
     for i, (split, cap) in enumerate((("train", cfg.max_train), ("dev", cfg.max_eval), ("test", cfg.max_eval))):
         rows = task.splits.get(split)
@@ -429,7 +429,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         log.info("%s seed %d: %s", task.name, cfg.seed + s,
                  json.dumps({k: r[k] for k in ("dev", "test") if k in r}))
         per_seed.append(r)
-    meta = json.loads((model_dir / checkpoint.CONFIG).read_text()).get("mlsm") or {}
+    meta = json.loads((model_dir / hf.CONFIG).read_text()).get("mlsm") or {}
     result = {
         "task": task.name, "kind": task.kind, "labels": task.labels, "model": str(model_dir),
         "model_name": model_name,

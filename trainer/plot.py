@@ -10,8 +10,8 @@ import json
 import logging
 from pathlib import Path
 
-from mlsm.errors import MLSMError
-from mlsm.manifest import atomic_path
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import atomic_path
 
 log = logging.getLogger(__name__)
 

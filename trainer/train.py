@@ -25,13 +25,14 @@ import torch
 from tqdm import tqdm
 
 from mlsm import __version__
-from mlsm.device import pick_device
-from mlsm.errors import MLSMError
-from mlsm.manifest import atomic_path, write_json_atomic
+from mlsm.core.device import pick_device
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import atomic_path, write_json_atomic
 from mlsm.pipeline.lineage import check_codes_file
-from mlsm.trainer import checkpoint, distributed
+from mlsm.core import hf, manifest
+from mlsm.trainer import distributed
 from mlsm.trainer.data import MASK_POLICIES, BatchIterator, Prefetcher, TokenData
-from mlsm.trainer.model import BertConfig, Student
+from mlsm.core.bert import BertConfig, Student
 from mlsm.trainer.objectives import mlm_loss, mlsm_kl_loss
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
         for sub in out_dir.iterdir():
             m = _STEP_RE.match(sub.name)
             if m and sub.is_dir() and all(
-                (sub / f).is_file() for f in (TRAINER_STATE, checkpoint.SAFETENSORS, checkpoint.CONFIG)
+                (sub / f).is_file() for f in (TRAINER_STATE, hf.SAFETENSORS, hf.CONFIG)
             ):
                 found.append((int(m.group(1)), sub))
     return sorted(found)
@@ -157,9 +158,9 @@ def _load_problem(ck_dir: Path) -> str | None:
     from safetensors.torch import load_file
 
     try:
-        load_file(ck_dir / checkpoint.SAFETENSORS)
+        load_file(ck_dir / hf.SAFETENSORS)
         torch.load(ck_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
-        json.loads((ck_dir / checkpoint.CONFIG).read_text())
+        json.loads((ck_dir / hf.CONFIG).read_text())
     except Exception as e:  # any damage: a cut file raises all sorts of errors
         return f"it cannot be read ({type(e).__name__}: {str(e)[:200]})"
     return None
@@ -168,8 +169,8 @@ def _load_problem(ck_dir: Path) -> str | None:
 def _latest_good_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
     """The newest checkpoint whose files are intact. Damaged newer ones are renamed aside (kept, not loaded)."""
     for step, path in reversed(_checkpoints(out_dir)):
-        problem = checkpoint.checksum_problem(path)
-        if problem is None and not (path / checkpoint.CHECKSUMS).is_file():
+        problem = manifest.checksum_problem(path)
+        if problem is None and not (path / manifest.CHECKSUMS).is_file():
             problem = _load_problem(path)
         if problem is None:
             return step, path
@@ -239,8 +240,8 @@ def _check_tokenizers(cfg: PretrainConfig, data: TokenData, tok_dir: Path, init_
             f"no tokenizer folder next to the data ({tok_dir}). The stage that wrote {data.path.name} puts it "
             "there; re-run it, or copy the auxiliary model's tokenizer files into that folder."
         )
-    tok = checkpoint.load_tokenizer(tok_dir)
-    fp = checkpoint.tokenizer_fingerprint(tok)
+    tok = hf.load_tokenizer(tok_dir)
+    fp = hf.tokenizer_fingerprint(tok)
     data_fp = data.attrs.get("tokenizer_fingerprint")
     if data_fp is None:
         log.warning("%s records no tokenizer fingerprint; cannot verify %s belongs to it", data.path, tok_dir)
@@ -250,7 +251,7 @@ def _check_tokenizers(cfg: PretrainConfig, data: TokenData, tok_dir: Path, init_
             f"{fp[:12]} vs {data_fp[:12]}). Restore the tokenizer folder written next to the data by its stage."
         )
     if init_dir is not None:
-        init_fp = checkpoint.tokenizer_fingerprint(checkpoint.load_tokenizer(init_dir))
+        init_fp = hf.tokenizer_fingerprint(hf.load_tokenizer(init_dir))
         if init_fp != (data_fp or fp):
             raise MLSMError(
                 f"codes were built with another tokenizer than the student's: {init_dir} (init_from) has tokenizer "
@@ -445,11 +446,11 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, dist_info: 
             f"batch size {cfg.batch_size} is not divisible by grad_accum x processes = {cfg.grad_accum} x {world_size}; "
             "choose a batch size that is (it is the global batch, split over the processes)."
         )
-    init_dir = checkpoint.resolve_model_dir(str(cfg.init_from)) if cfg.init_from is not None else None
+    init_dir = hf.resolve_model_dir(str(cfg.init_from)) if cfg.init_from is not None else None
     tok_dir = cfg.data.parent / "tokenizer"
     check_codes_file(cfg.data)  # codes.h5 vs its folder's manifest.json and dictionary.h5
     tok, tok_fp = _check_tokenizers(cfg, data, tok_dir, init_dir)
-    special = checkpoint.special_token_ids(tok)
+    special = hf.special_token_ids(tok)
     data.pad_id = special["pad"]
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     if int(data.tokens.max()) >= vocab_size:
@@ -480,13 +481,13 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, dist_info: 
         start_step, ck_dir = latest
         if main:
             log.info("resuming from %s", ck_dir)
-        model = checkpoint.load_student(ck_dir, num_atoms, use_mlm)
+        model = hf.load_student(ck_dir, num_atoms, use_mlm)
         state = torch.load(ck_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
     elif init_dir is not None:
         log.info("initialising the student from %s", init_dir)
         if cfg.model_overrides:
             log.warning("model_overrides are ignored: the architecture comes from %s", init_dir)
-        model = checkpoint.load_student(init_dir, num_atoms, use_mlm)
+        model = hf.load_student(init_dir, num_atoms, use_mlm)
     else:
         model = Student(_build_config(cfg, vocab_size, special["pad"]), num_atoms, use_mlm)
     config = model.config
@@ -587,9 +588,9 @@ def _run(cfg: PretrainConfig, data: TokenData, device: torch.device, dist_info: 
         tensors = {**model.encoder_state_dict(), **model.head_state_dict()}
         extra["mlsm"]["step"] = step
         with atomic_path(final) as tmp:
-            checkpoint.save_model_dir(tmp, config, tensors, tok_dir, extra_json=extra)
+            hf.save_model_dir(tmp, config, tensors, tok_dir, extra_json=extra)
             torch.save(trainer_state, tmp / TRAINER_STATE)
-            checkpoint.write_checksums(tmp)
+            manifest.write_checksums(tmp)
         log.info("saved %s", final)
         if cfg.keep_last > 0:
             keep = _milestone_steps(cfg) | {cfg.steps}

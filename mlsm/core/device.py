@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from mlsm.errors import MLSMError
+from mlsm.core.errors import MLSMError
 
 
 def local_rank() -> int | None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlsm.errors import MLSMError
+from mlsm.core.errors import MLSMError
 
 log = logging.getLogger(__name__)
 

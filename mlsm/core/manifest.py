@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mlsm import __version__
-from mlsm.errors import MLSMError
+from mlsm.core.errors import MLSMError
 
 log = logging.getLogger(__name__)
 
@@ -241,3 +241,51 @@ def prepare_stage(
             (out_dir / PROGRESS).unlink(missing_ok=True)  # a kill between manifest and cleanup left it
         return state, old
     return "fresh", None
+
+
+CHECKSUMS = "checksums.json"
+
+
+def write_checksums(folder: Path) -> None:
+    """Flush every file of a finished folder (a checkpoint) to disk and record its size and sha256.
+
+    Written last, inside the temporary folder: a checkpoint whose files were later cut short
+    (a full disk, a crash before the page cache reached the disk, a bad copy) no longer matches.
+    """
+    folder = Path(folder)
+    sums = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != CHECKSUMS:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+            sums[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    with open(folder / CHECKSUMS, "w") as f:
+        json.dump(sums, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checksum_problem(folder: Path, full: bool = True) -> str | None:
+    """What is wrong with a folder's files (None: they match, or it predates checksums).
+
+    `full=False` compares sizes only, which catches truncation without reading the files.
+    """
+    folder = Path(folder)
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return None
+    try:
+        sums = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"{CHECKSUMS} is unreadable ({e})"
+    for name, want in sorted(sums.items()):
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        size = p.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes, {want['bytes']} were written"
+        if full and sha256_file(p) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None

@@ -10,16 +10,16 @@ import hashlib
 import importlib
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from mlsm.errors import MLSMError
-from mlsm.manifest import atomic_path
-from mlsm.trainer.model import BertConfig, BertEncoder, Student
+from mlsm.core.errors import MLSMError
+from mlsm.core.layout import step_of
+from mlsm.core.manifest import atomic_path, checksum_problem
+from mlsm.core.bert import BertConfig, BertEncoder, Student
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ SPECIAL_TOKENS = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK
 # Keys that are in HF checkpoints but are not part of the encoder we build.
 _IGNORED_PREFIXES = ("pooler.", "cls.", "mlsm_head.", "mlm_head.")
 _IGNORED_KEYS = {"embeddings.position_ids"}
-_STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 # --------------------------------------------------------------------------- locating model dirs
@@ -85,10 +84,10 @@ def resolve_model_dir(spec: str | None) -> Path:
     if path.is_dir():
         steps = []
         for sub in path.iterdir():
-            m = _STEP_RE.match(sub.name)
+            step = step_of(sub.name)
             # Checkpoints are written atomically, so a folder with both files is complete.
-            if m and sub.is_dir() and (sub / CONFIG).is_file() and _weights_file(sub) is not None:
-                steps.append((int(m.group(1)), sub))
+            if step is not None and sub.is_dir() and (sub / CONFIG).is_file() and _weights_file(sub) is not None:
+                steps.append((step, sub))
         for _, latest in sorted(steps, reverse=True):
             if _usable(latest):
                 log.info("using the latest intact checkpoint %s of run %s", latest.name, path)
@@ -368,59 +367,3 @@ def save_model_dir(
             f.write("\n")
         save_file(flat, str(tmp / SAFETENSORS), metadata={"format": "pt"})
         copy_tokenizer_files(tokenizer_dir, tmp)
-
-
-# --------------------------------------------------------------------------- integrity
-
-CHECKSUMS = "checksums.json"
-
-
-def write_checksums(folder: Path) -> None:
-    """Flush every file of a finished checkpoint to disk and record its size and sha256.
-
-    Written last, inside the temporary folder: a checkpoint whose files were later cut short
-    (a full disk, a crash before the page cache reached the disk, a bad copy) no longer matches.
-    """
-    import os
-
-    from mlsm.manifest import sha256_file
-
-    folder = Path(folder)
-    sums = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.name != CHECKSUMS:
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-            sums[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    with open(folder / CHECKSUMS, "w") as f:
-        json.dump(sums, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def checksum_problem(folder: Path, full: bool = True) -> str | None:
-    """What is wrong with a checkpoint's files (None: they match, or it predates checksums).
-
-    `full=False` compares sizes only, which catches truncation without reading the files.
-    """
-    from mlsm.manifest import sha256_file
-
-    folder = Path(folder)
-    path = folder / CHECKSUMS
-    if not path.is_file():
-        return None
-    try:
-        sums = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        return f"{CHECKSUMS} is unreadable ({e})"
-    for name, want in sorted(sums.items()):
-        p = folder / name
-        if not p.is_file():
-            return f"{name} is missing"
-        size = p.stat().st_size
-        if size != want["bytes"]:
-            return f"{name} has {size} bytes, {want['bytes']} were written"
-        if full and sha256_file(p) != want["sha256"]:
-            return f"{name} does not match its checksum"
-    return None
