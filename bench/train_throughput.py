@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from mlsm.pipeline.solvers import fista_fixed, lipschitz  # noqa: E402
 from mlsm.core import hf  # noqa: E402
-from mlsm.trainer.data import BatchIterator, Prefetcher, TokenData  # noqa: E402
+from mlsm.pipeline.codes import TokenData  # noqa: E402
+from mlsm.trainer.data import BatchIterator, Prefetcher  # noqa: E402
 from mlsm.core.bert import BertConfig, Student  # noqa: E402
 from mlsm.trainer.train import _adamw, param_groups, _to, train_step  # noqa: E402
 

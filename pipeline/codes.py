@@ -1,16 +1,19 @@
-"""Storage of the student's training set: the token stream and the CSR sparse codes (HDF5).
+"""The code store: the student's training set (token stream + CSR sparse codes, HDF5), written,
+read and checked here and nowhere else.
 
 Layout (DESIGN §2.3), shared by `codes.h5` and the codes-less `tokens.h5`:
   /tokens int32 [N], /seq_offsets int64 [S+1],
   /codes/indptr int64 [N+1], /codes/indices uint16 [nnz], /codes/values float16|float32 [nnz].
 
-Work is written as one part file per input shard (each atomic), then merged into the final
-file (atomic too). Parts make the stage resumable after a kill and let workers code shards in
-parallel; the merge is a sequential copy.
+Writing: one part file per input shard (each atomic), then merged into the final file (atomic
+too). Parts make the stage resumable after a kill and let workers code shards in parallel.
+Reading: `TokenData` opens a training set; `check_codes_file` ties a codes.h5 to the manifest and
+dictionary next to it, which files copied between folders can break.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -20,7 +23,8 @@ import h5py
 import numpy as np
 
 from mlsm.core.errors import MLSMError
-from mlsm.core.manifest import atomic_path
+from mlsm.core.layout import DICTIONARY, MANIFEST, dictionary_fingerprint
+from mlsm.core.manifest import atomic_path, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +124,6 @@ def part_rows(path: Path) -> int | None:
         return None
 
 
-def read_part_attrs(path: Path) -> dict:
-    with h5py.File(path, "r") as f:
-        return dict(f.attrs)
-
-
 def merge_parts(parts: Iterable[Path], out_path: Path, attrs: dict, value_dtype=np.float32) -> dict:
     """Concatenate part files into the final HDF5 file; returns counts and gap statistics."""
     parts = list(parts)
@@ -173,8 +172,204 @@ def merge_parts(parts: Iterable[Path], out_path: Path, attrs: dict, value_dtype=
     return stats
 
 
-def open_codes(path: Path) -> h5py.File:
+# --------------------------------------------------------------------------- reading
+
+
+def _plain(v):
+    """HDF5 attribute → JSON-able Python value."""
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return v
+
+
+class CodeSlices:
+    """CSR rows of a set of sequences held in memory (read by `TokenData.read_codes`), addressed by
+    global token index."""
+
+    def __init__(self, run_tok_starts, run_row_starts, indptr, indices, values):
+        self.run_tok_starts = run_tok_starts
+        self.run_row_starts = run_row_starts
+        self.indptr, self.indices, self.values = indptr, indices, values
+
+    def rows_of(self, token_index: np.ndarray) -> np.ndarray:
+        r = np.searchsorted(self.run_tok_starts, token_index, side="right") - 1
+        return self.run_row_starts[r] + (token_index - self.run_tok_starts[r])
+
+
+class TokenData:
+    """An opened codes.h5 or tokens.h5: tokens in memory, codes read from disk on demand."""
+
+    def __init__(self, path: str | Path, pad_id: int = 0):
+        self.path = Path(path)
+        self.pad_id = pad_id
+        if not self.path.is_file():
+            raise MLSMError(
+                f"{self.path} does not exist. Point --data at the codes.h5 written by `mlsm sparse-code` "
+                "(or tokens.h5 from `mlsm tokenize` for --objective mlm)."
+            )
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise MLSMError(f"{self.path} is not a readable HDF5 file ({e}); re-create it with its stage's --force.") from e
+        f = self._f
+        for name in ("tokens", "seq_offsets"):
+            if name not in f:
+                self.close()
+                raise MLSMError(f"{self.path} has no /{name}; it is not a training set. Re-run the stage that wrote it.")
+        self.tokens = f["tokens"][:].astype(np.int32, copy=False)
+        self.seq_offsets = f["seq_offsets"][:].astype(np.int64, copy=False)
+        self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        offs = self.seq_offsets
+        if len(offs) < 2 or offs[0] != 0 or offs[-1] != len(self.tokens) or (np.diff(offs) <= 0).any():
+            self.close()
+            raise MLSMError(f"{self.path} has inconsistent /seq_offsets; the file is damaged. Re-create it.")
+        self.seq_lengths = np.diff(offs)
+        self.has_codes = "codes" in f
+        self.K: int | None = None
+        if self.has_codes:
+            g = f["codes"]
+            self._indptr, self._indices, self._values = g["indptr"], g["indices"], g["values"]
+            if self._indptr.shape[0] != len(self.tokens) + 1:
+                self.close()
+                raise MLSMError(f"{self.path}: /codes/indptr does not have one row per token; re-run `mlsm sparse-code`.")
+            if "K" not in self.attrs:
+                self.close()
+                raise MLSMError(f"{self.path} lacks the attribute K (number of atoms); re-run `mlsm sparse-code`.")
+            self.K = int(self.attrs["K"])
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq_lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.seq_lengths.max())
+
+    def fingerprint(self) -> str:
+        """Cheap identity of the data: attributes and sizes (hashing hundreds of GB is not cheap)."""
+        nnz = int(self._indices.shape[0]) if self.has_codes else None
+        attrs = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.attrs.items()}
+        return sha256_json({"attrs": attrs, "tokens": self.num_tokens, "sequences": self.num_sequences, "nnz": nnz})
+
+    def close(self) -> None:
+        if getattr(self, "_f", None) is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> "TokenData":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read_codes(self, seq_ids, max_gap: int = 16) -> CodeSlices:
+        """Read the CSR rows of these sequences: one contiguous slice per run of nearby ids.
+
+        Runs separated by at most `max_gap` unwanted sequences are read as one slice: a few
+        extra rows cost less than another HDF5 call (a DDP rank's share of a window is such a
+        sieve of its blocks).
+        """
+        s = np.unique(np.asarray(seq_ids, dtype=np.int64))
+        breaks = np.flatnonzero(np.diff(s) > max_gap + 1) + 1
+        run_first = s[np.r_[0, breaks]]
+        run_last = s[np.r_[breaks - 1, len(s) - 1]]
+        tok_lo, tok_hi = self.seq_offsets[run_first], self.seq_offsets[run_last + 1]
+        ips, ixs, vals, row_starts = [np.zeros(1, np.int64)], [], [], []
+        nnz = rows = 0
+        for lo, hi in zip(tok_lo.tolist(), tok_hi.tolist()):
+            ip = self._indptr[lo : hi + 1].astype(np.int64)
+            ixs.append(self._indices[ip[0] : ip[-1]])
+            vals.append(self._values[ip[0] : ip[-1]])
+            ips.append(ip[1:] - ip[0] + nnz)
+            row_starts.append(rows)
+            nnz += int(ip[-1] - ip[0])
+            rows += hi - lo
+        indices = np.concatenate(ixs)
+        log.debug("read codes of %d sequences: %d slices, %d nonzeros", len(s), len(tok_lo), nnz)
+        if len(indices) and int(indices.max()) >= self.K:
+            raise MLSMError(f"{self.path} has atom indices >= K={self.K}; the file is damaged. Re-run `mlsm sparse-code`.")
+        return CodeSlices(tok_lo, np.asarray(row_starts, dtype=np.int64), np.concatenate(ips), indices, np.concatenate(vals))
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def _rebuild(folder: Path, man: dict) -> str:
+    p = man.get("params", {})
+    opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (("layer", p.get("layer")), ("K", p.get("K")))
+                    if v is not None).replace("--K", "-k")
+    return f"mlsm sparse-code --extract-dir {man.get('extract_dir', '<extract folder>')} --out {folder} {opts} --force"
+
+
+def check_dictionary(path: Path, d: int | None = None, K: int | None = None, fingerprint: str | None = None,
+                     fix: str = "mlsm sparse-code --force") -> np.ndarray:
+    """Load dictionary.h5 and check it is a d x K dictionary (and the very one a codes file names)."""
     try:
-        return h5py.File(path, "r")
+        with h5py.File(path, "r") as f:
+            D = f["D"][:]
+    except (OSError, KeyError) as e:
+        raise MLSMError(f"{path} is not a readable dictionary ({e}). Rebuild it with `{fix}`.") from e
+    if d is not None and D.shape[0] != d:
+        raise MLSMError(f"{path} is a dictionary of d={D.shape[0]}, but the hidden states it must code have "
+                        f"d={d} (another auxiliary model or layer width). Rebuild it with `{fix}`.")
+    if K is not None and D.shape[1] != K:
+        raise MLSMError(f"{path} has K={D.shape[1]} atoms, but K={K} is expected. Rebuild it with `{fix}`.")
+    if fingerprint is not None:
+        got = dictionary_fingerprint(D)
+        if got != fingerprint:
+            raise MLSMError(f"{path} is not the dictionary the codes were made with (fingerprint {got[:12]} vs "
+                            f"{fingerprint[:12]}). Rebuild both with `{fix}`.")
+    return D
+
+
+def check_codes_file(codes_path: Path) -> None:
+    """codes.h5 against its folder's sparse-code manifest.json and dictionary.h5, when they are there.
+
+    A lone codes.h5 (no manifest) is accepted: its own attributes are all there is to go by.
+    """
+    codes_path = Path(codes_path)
+    folder = codes_path.parent
+    man_path = folder / MANIFEST
+    if not man_path.is_file():
+        return
+    try:
+        man = json.loads(man_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # the trainer reports unreadable data itself
+    if man.get("stage") != "sparse-code":
+        return
+    fix = _rebuild(folder, man)
+    try:
+        with h5py.File(codes_path, "r") as f:
+            attrs = dict(f.attrs)
+            if "codes" not in f:
+                return
     except OSError as e:
-        raise MLSMError(f"{path} is not a readable HDF5 file ({e}). Re-run `mlsm sparse-code --force`.") from e
+        raise MLSMError(f"{codes_path} is not a readable HDF5 file ({e}); it may be truncated. "
+                        f"Rebuild it with `{fix}`.") from e
+    params = man.get("params", {})
+    checks = [("layer", params.get("layer"), attrs.get("layer")), ("K", params.get("K"), attrs.get("K")),
+              ("lambda", params.get("lambda"), attrs.get("lambda")),
+              ("extract fingerprint", man.get("inputs", {}).get("extract_manifest"), attrs.get("extract_fingerprint"))]
+    for name, want, got in checks:
+        if want is None or got is None:
+            continue
+        same = (abs(float(want) - float(got)) <= 1e-12 * max(1.0, abs(float(want)))
+                if isinstance(want, (int, float)) else str(want) == str(got))
+        if not same:
+            show = (lambda v: str(v)[:12]) if name.endswith("fingerprint") else str
+            raise MLSMError(f"{codes_path} was built with {name} {show(got)}, but {man_path} says {name} "
+                            f"{show(want)}: the file comes from another run. Rebuild it with `{fix}`, "
+                            f"or point --data at the codes.h5 of the run you mean.")
+    dict_path = folder / DICTIONARY
+    if dict_path.is_file():
+        check_dictionary(dict_path, d=(man.get("dictionary") or {}).get("d"), K=params.get("K"),
+                         fingerprint=attrs.get("dictionary_fingerprint"), fix=fix)

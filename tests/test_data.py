@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mlsm.core.errors import MLSMError
-from mlsm.trainer.data import BatchIterator, TokenData, csr_take, mask_tokens, normalise_rows
+from mlsm.pipeline.codes import TokenData
+from mlsm.trainer.data import BatchIterator, csr_take, get_batch, mask_tokens, normalise_rows
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -122,7 +123,7 @@ def test_batch_targets_match_file_rows(codes_h5):
     with TokenData(codes_h5) as data, h5py.File(codes_h5) as f:
         assert data.has_codes and data.K == K and data.num_sequences == 200
         seq_ids = np.array([17, 3, 4, 5, 150, 99, 100])
-        b = data.get_batch(seq_ids)
+        b = get_batch(data, seq_ids)
         special = torch.isin(b.input_ids, torch.tensor([CLS, SEP, PAD]))
         ids, mi = mask_tokens(b.input_ids, b.attention_mask, special, 0.3, "mask", MASK, VOCAB, gen)
         ip, ix, val = b.targets(mi)

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from mlsm.core.errors import MLSMError
-from mlsm.core.manifest import sha256_json
+from mlsm.pipeline.codes import CodeSlices, TokenData
 
 log = logging.getLogger(__name__)
 
@@ -55,30 +53,6 @@ def normalise_rows(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray):
     return new_indptr, indices, (vals / sums[row]).astype(np.float32)
 
 
-def _plain(v):
-    """HDF5 attribute → JSON-able Python value."""
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    return v
-
-
-class _CodeCache:
-    """CSR rows of a set of sequences held in memory, addressed by global token index."""
-
-    def __init__(self, run_tok_starts, run_row_starts, indptr, indices, values):
-        self.run_tok_starts = run_tok_starts
-        self.run_row_starts = run_row_starts
-        self.indptr, self.indices, self.values = indptr, indices, values
-
-    def rows_of(self, token_index: np.ndarray) -> np.ndarray:
-        r = np.searchsorted(self.run_tok_starts, token_index, side="right") - 1
-        return self.run_row_starts[r] + (token_index - self.run_tok_starts[r])
-
-
 # --------------------------------------------------------------------------- the data file
 
 
@@ -90,7 +64,7 @@ class Batch:
     input_ids: torch.Tensor  # (B, T) int64
     attention_mask: torch.Tensor  # (B, T) int64
     token_index: np.ndarray  # (B, T) int64
-    codes: _CodeCache | None
+    codes: CodeSlices | None
 
     def rows(self, r0: int, r1: int) -> "Batch":
         """Rows r0..r1-1, trimmed to their own longest sequence."""
@@ -125,127 +99,29 @@ class Batch:
         )
 
 
-class TokenData:
-    """An opened codes.h5 or tokens.h5: tokens in memory, codes read from disk on demand."""
+def get_batch(data: TokenData, seq_ids, codes: CodeSlices | None = None, with_codes: bool = True, read: bool = True) -> Batch:
+    """Pad these sequences to the longest; attach their codes (read now unless `codes` holds them).
 
-    def __init__(self, path: str | Path, pad_id: int = 0):
-        self.path = Path(path)
-        self.pad_id = pad_id
-        if not self.path.is_file():
-            raise MLSMError(
-                f"{self.path} does not exist. Point --data at the codes.h5 written by `mlsm sparse-code` "
-                "(or tokens.h5 from `mlsm tokenize` for --objective mlm)."
-            )
-        try:
-            self._f = h5py.File(self.path, "r")
-        except OSError as e:
-            raise MLSMError(f"{self.path} is not a readable HDF5 file ({e}); re-create it with its stage's --force.") from e
-        f = self._f
-        for name in ("tokens", "seq_offsets"):
-            if name not in f:
-                self.close()
-                raise MLSMError(f"{self.path} has no /{name}; it is not a training set. Re-run the stage that wrote it.")
-        self.tokens = f["tokens"][:].astype(np.int32, copy=False)
-        self.seq_offsets = f["seq_offsets"][:].astype(np.int64, copy=False)
-        self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
-        offs = self.seq_offsets
-        if len(offs) < 2 or offs[0] != 0 or offs[-1] != len(self.tokens) or (np.diff(offs) <= 0).any():
-            self.close()
-            raise MLSMError(f"{self.path} has inconsistent /seq_offsets; the file is damaged. Re-create it.")
-        self.seq_lengths = np.diff(offs)
-        self.has_codes = "codes" in f
-        self.K: int | None = None
-        if self.has_codes:
-            g = f["codes"]
-            self._indptr, self._indices, self._values = g["indptr"], g["indices"], g["values"]
-            if self._indptr.shape[0] != len(self.tokens) + 1:
-                self.close()
-                raise MLSMError(f"{self.path}: /codes/indptr does not have one row per token; re-run `mlsm sparse-code`.")
-            if "K" not in self.attrs:
-                self.close()
-                raise MLSMError(f"{self.path} lacks the attribute K (number of atoms); re-run `mlsm sparse-code`.")
-            self.K = int(self.attrs["K"])
-
-    @property
-    def num_sequences(self) -> int:
-        return len(self.seq_lengths)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def max_seq_len(self) -> int:
-        return int(self.seq_lengths.max())
-
-    def fingerprint(self) -> str:
-        """Cheap identity of the data: attributes and sizes (hashing hundreds of GB is not cheap)."""
-        nnz = int(self._indices.shape[0]) if self.has_codes else None
-        attrs = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.attrs.items()}
-        return sha256_json({"attrs": attrs, "tokens": self.num_tokens, "sequences": self.num_sequences, "nnz": nnz})
-
-    def close(self) -> None:
-        if getattr(self, "_f", None) is not None:
-            self._f.close()
-            self._f = None
-
-    def __enter__(self) -> "TokenData":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def read_codes(self, seq_ids, max_gap: int = 16) -> _CodeCache:
-        """Read the CSR rows of these sequences: one contiguous slice per run of nearby ids.
-
-        Runs separated by at most `max_gap` unwanted sequences are read as one slice: a few
-        extra rows cost less than another HDF5 call (a DDP rank's share of a window is such a
-        sieve of its blocks).
-        """
-        s = np.unique(np.asarray(seq_ids, dtype=np.int64))
-        breaks = np.flatnonzero(np.diff(s) > max_gap + 1) + 1
-        run_first = s[np.r_[0, breaks]]
-        run_last = s[np.r_[breaks - 1, len(s) - 1]]
-        tok_lo, tok_hi = self.seq_offsets[run_first], self.seq_offsets[run_last + 1]
-        ips, ixs, vals, row_starts = [np.zeros(1, np.int64)], [], [], []
-        nnz = rows = 0
-        for lo, hi in zip(tok_lo.tolist(), tok_hi.tolist()):
-            ip = self._indptr[lo : hi + 1].astype(np.int64)
-            ixs.append(self._indices[ip[0] : ip[-1]])
-            vals.append(self._values[ip[0] : ip[-1]])
-            ips.append(ip[1:] - ip[0] + nnz)
-            row_starts.append(rows)
-            nnz += int(ip[-1] - ip[0])
-            rows += hi - lo
-        indices = np.concatenate(ixs)
-        log.debug("read codes of %d sequences: %d slices, %d nonzeros", len(s), len(tok_lo), nnz)
-        if len(indices) and int(indices.max()) >= self.K:
-            raise MLSMError(f"{self.path} has atom indices >= K={self.K}; the file is damaged. Re-run `mlsm sparse-code`.")
-        return _CodeCache(tok_lo, np.asarray(row_starts, dtype=np.int64), np.concatenate(ips), indices, np.concatenate(vals))
-
-    def get_batch(self, seq_ids, codes: _CodeCache | None = None, with_codes: bool = True, read: bool = True) -> Batch:
-        """Pad these sequences to the longest; attach their codes (read now unless `codes` holds them).
-
-        With `read=False` the given cache is attached as is: it may hold only some of the rows
-        (a DDP rank's), and only those rows may ask for targets.
-        """
-        seq_ids = np.asarray(seq_ids, dtype=np.int64)
-        lens = self.seq_lengths[seq_ids]
-        B, T = len(seq_ids), int(lens.max())
-        pos = np.arange(T)
-        valid = pos[None, :] < lens[:, None]
-        token_index = np.where(valid, self.seq_offsets[seq_ids][:, None] + pos[None, :], -1)
-        ids = np.where(valid, self.tokens[np.maximum(token_index, 0)], self.pad_id)
-        with_codes = with_codes and self.has_codes
-        if with_codes and codes is None and read:
-            codes = self.read_codes(seq_ids)
-        return Batch(
-            seq_ids=seq_ids,
-            input_ids=torch.from_numpy(ids.astype(np.int64)),
-            attention_mask=torch.from_numpy(valid.astype(np.int64)),
-            token_index=token_index,
-            codes=codes if with_codes else None,
-        )
+    With `read=False` the given cache is attached as is: it may hold only some of the rows
+    (a DDP rank's), and only those rows may ask for targets.
+    """
+    seq_ids = np.asarray(seq_ids, dtype=np.int64)
+    lens = data.seq_lengths[seq_ids]
+    T = int(lens.max())
+    pos = np.arange(T)
+    valid = pos[None, :] < lens[:, None]
+    token_index = np.where(valid, data.seq_offsets[seq_ids][:, None] + pos[None, :], -1)
+    ids = np.where(valid, data.tokens[np.maximum(token_index, 0)], data.pad_id)
+    with_codes = with_codes and data.has_codes
+    if with_codes and codes is None and read:
+        codes = data.read_codes(seq_ids)
+    return Batch(
+        seq_ids=seq_ids,
+        input_ids=torch.from_numpy(ids.astype(np.int64)),
+        attention_mask=torch.from_numpy(valid.astype(np.int64)),
+        token_index=token_index,
+        codes=codes if with_codes else None,
+    )
 
 
 # --------------------------------------------------------------------------- masking
@@ -366,7 +242,7 @@ class BatchIterator:
         self.epoch = 0
         self.batch = 0
         self._order: tuple[int, np.ndarray] | None = None
-        self._cache: tuple[tuple[int, int], _CodeCache] | None = None
+        self._cache: tuple[tuple[int, int], CodeSlices] | None = None
         self._special = torch.tensor(sorted(set(self.special_ids)), dtype=torch.long)
 
     # -- position
@@ -412,7 +288,7 @@ class BatchIterator:
         g = order[b0 * self.batch_size : b1 * self.batch_size].reshape(b1 - b0, self.batch_size)
         return g[:, self.rank * local : (self.rank + 1) * local]
 
-    def _codes_for(self, epoch: int, batch: int) -> _CodeCache | None:
+    def _codes_for(self, epoch: int, batch: int) -> CodeSlices | None:
         if not self.with_targets:
             return None
         per_window = self.window // self.batch_size
@@ -437,7 +313,7 @@ class BatchIterator:
         # rank then keeps its rows: masks depend neither on the world size nor on grad_accum, so
         # a DDP run sees exactly the batches of a one-process run. Padding the global batch is
         # cheap (tokens are in memory); only this rank's codes are ever read.
-        b = self.data.get_batch(glob, codes=self._codes_for(epoch, batch), with_codes=self.with_targets, read=False)
+        b = get_batch(self.data, glob, codes=self._codes_for(epoch, batch), with_codes=self.with_targets, read=False)
         gen = torch.Generator().manual_seed(_seed_of(self.seed, epoch, batch, 2))
         ids, masked_index = mask_tokens(
             b.input_ids, b.attention_mask, torch.isin(b.input_ids, self._special), self.mask_prob,

@@ -28,10 +28,10 @@ from mlsm import __version__
 from mlsm.core.device import pick_device
 from mlsm.core.errors import MLSMError
 from mlsm.core.manifest import atomic_path, write_json_atomic
-from mlsm.pipeline.lineage import check_codes_file
 from mlsm.core import hf, manifest
 from mlsm.trainer import distributed
-from mlsm.trainer.data import MASK_POLICIES, BatchIterator, Prefetcher, TokenData
+from mlsm.pipeline.codes import TokenData, check_codes_file
+from mlsm.trainer.data import MASK_POLICIES, BatchIterator, Prefetcher
 from mlsm.core.bert import BertConfig, Student
 from mlsm.trainer.objectives import mlm_loss, mlsm_kl_loss
 
