@@ -12,7 +12,6 @@ start without it (a dictionary learnt by every worker would differ on GPUs).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -28,6 +27,7 @@ from tqdm import tqdm
 from mlsm.core.device import pick_device
 from mlsm.core.hf import load_tokenizer, tokenizer_fingerprint
 from mlsm.core.errors import MLSMError
+from mlsm.core.layout import dictionary_fingerprint
 from mlsm.core.manifest import (
     MANIFEST, PROGRESS, atomic_path, new_manifest, read_manifest, sha256_file, sha256_json, write_json_atomic,
 )
@@ -315,7 +315,7 @@ def _merge_codes(extract_dir: Path, out_dir: Path, worker: Worker) -> dict | Non
         "lambda": p["lambda"], "K": p["K"], "layer": p["layer"], "solver": SOLVER_NAME, "tolerance": p["tol"],
         "top_k": p["top_k"] or 0, "values_dtype": p["values"],
         "extract_fingerprint": progress_doc["inputs"]["extract_manifest"],
-        "dictionary_fingerprint": hashlib.sha256(np.ascontiguousarray(D, dtype=np.float32).tobytes()).hexdigest(),
+        "dictionary_fingerprint": dictionary_fingerprint(D),
         "tokenizer_fingerprint": tok_fp,
     }
     value_dtype = np.float16 if p["values"] == "float16" else np.float32
