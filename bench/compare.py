@@ -334,14 +334,16 @@ def run(args) -> None:
     timings["extract"] = time.time() - t0
 
     t0 = time.time()
+    from mlsm.core.config import LayerReportConfig
     from mlsm.pipeline.layer_report import layer_report
 
     rep_path = work / "layer-report" / "layer_report.json"
     if rep_path.is_file():
         layer_rep = json.loads(rep_path.read_text())
     else:
-        layer_rep = layer_report(ex, work / "layer-report", K=p["report_K"], samples=p["report_samples"],
-                                 heldout=p["report_heldout"], seed=args.seed, device=p["device"], progress=False)
+        layer_rep = layer_report(LayerReportConfig(ex, work / "layer-report", K=p["report_K"], samples=p["report_samples"],
+                                                   heldout=p["report_heldout"], seed=args.seed, device=p["device"],
+                                                   progress=False))
     timings["layer-report"] = time.time() - t0
 
     t0 = time.time()

@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 import torch
 
+from mlsm.core.config import ExtractConfig, SparseCodeConfig
 from mlsm.core.device import pick_device
 from mlsm.pipeline import corpus as corpus_mod
 from mlsm.pipeline.codes import merge_parts, top_k_codes, truncation_kl, write_part
@@ -133,9 +134,9 @@ def main(argv=None) -> dict:
     n = sum(len(s) for s in seqs)
     fwd = [forward_only(encoder, seqs, layers, special["pad"], dev, dtype, a.shard_tokens, a.batch_tokens)]
     ext_dir = a.out / "extract"
-    man = run_extract(a.corpus, ext_dir, layers, aux=a.aux, max_len=a.max_len, max_tokens=a.tokens,
-                      shard_tokens=a.shard_tokens, batch_tokens=a.batch_tokens, device=a.device, force=True,
-                      progress=False)
+    man = run_extract(ExtractConfig(corpus=a.corpus, out=ext_dir, layers=tuple(layers), aux=a.aux, max_len=a.max_len,
+                                    max_tokens=a.tokens, shard_tokens=a.shard_tokens, batch_tokens=a.batch_tokens,
+                                    device=a.device, force=True, progress=False))
     fwd.append(forward_only(encoder, seqs, layers, special["pad"], dev, dtype, a.shard_tokens, a.batch_tokens))
     assert man["tokens"] == n, (man["tokens"], n)
     hidden_bytes = sum((ext_dir / s["file"]).stat().st_size for s in man["shards"])
@@ -146,8 +147,8 @@ def main(argv=None) -> dict:
     if codes is None:
         from mlsm.pipeline.sparse_code import run_sparse_code
 
-        run_sparse_code(ext_dir, a.out / "codes", layer=layers[0], K=a.K, dict_samples=min(n, 100_000),
-                        heldout=min(n // 10, 10_000), device=a.device, force=True, progress=False)
+        run_sparse_code(SparseCodeConfig(ext_dir, a.out / "codes", layer=layers[0], K=a.K, dict_samples=min(n, 100_000),
+                                         heldout=min(n // 10, 10_000), device=a.device, force=True, progress=False))
         codes = a.out / "codes" / "codes.h5"
     work = a.out / "topk"
     shutil.rmtree(work, ignore_errors=True)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from mlsm.pipeline.dictionary import learn_dictionary, objective  # noqa: E402
 from mlsm.pipeline.solvers import fista_fixed, lipschitz, nn_lasso  # noqa: E402
-from mlsm.pipeline.sparse_code import normalize_rows, sample_vectors  # noqa: E402
+from mlsm.pipeline.sparse_code import l2_normalize_states, sample_vectors  # noqa: E402
 
 
 def load_vectors(extract_dir: Path, layer: int | None, n: int, seed: int) -> np.ndarray:
@@ -52,7 +52,7 @@ def load_vectors(extract_dir: Path, layer: int | None, n: int, seed: int) -> np.
         sys.exit(f"error: {extract_dir} holds {total} tokens; this benchmark needs {n} "
                  f"(make extract TOKENS={n}) or smaller --train/--heldout")
     raw = sample_vectors(extract_dir, man["shards"], layer, n, seed)
-    return normalize_rows(raw, "cpu").numpy()
+    return l2_normalize_states(raw, "cpu").numpy()
 
 
 def primal64(X: np.ndarray, D: np.ndarray, A: np.ndarray, lam: float) -> np.ndarray:

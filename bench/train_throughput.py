@@ -7,7 +7,7 @@ while the reference's online recipe pays for an auxiliary forward and a sparse s
 - mlm, mlsm, mlsm+mlm: `trainer.train.train_step` (the trainer's own step) on batches from
   `trainer.data.BatchIterator` reading a real codes.h5 (masking, CSR targets and all).
 - online: the reference's per-step work, emulated with this project's pieces: the auxiliary
-  MiniLM (trainer/model.py) run on the unmasked batch up to --layer, 100 FISTA iterations
+  MiniLM (mlsm/core/bert.py) run on the unmasked batch up to --layer, 100 FISTA iterations
   (pipeline/solvers.fista_fixed) on the masked tokens against the real dictionary, and a
   vocabulary+K head trained with the KL to the resulting targets.
 - loader: BatchIterator alone (with targets), tokens per second it can deliver.
@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 from mlsm.pipeline.solvers import fista_fixed, lipschitz  # noqa: E402
 from mlsm.core import hf  # noqa: E402
 from mlsm.pipeline.codes import TokenData  # noqa: E402
-from mlsm.trainer.data import BatchIterator, Prefetcher  # noqa: E402
+from mlsm.trainer.data import BatchIterator, Masking, Prefetcher  # noqa: E402
 from mlsm.core.bert import BertConfig, Student  # noqa: E402
-from mlsm.trainer.train import _adamw, param_groups, _to, train_step  # noqa: E402
+from mlsm.trainer.train import StepSpec, _to, adamw, param_groups, train_step  # noqa: E402
 
 log = logging.getLogger("bench.train")
 MODES = ("mlm", "mlsm", "mlsm+mlm", "online")
@@ -81,10 +81,8 @@ def build_codes(args) -> Path:
 
 def make_batches(data: TokenData, tok, args, with_targets: bool, device: torch.device):
     special = hf.special_token_ids(tok)
-    it = BatchIterator(
-        data, args.batch_size, seed=0, mask_id=special["mask"], vocab_size=tok.get_vocab_size(with_added_tokens=True),
-        special_ids=[special[k] for k in ("cls", "sep", "pad", "mask")], with_targets=with_targets,
-    )
+    masking = Masking.of(special, tok.get_vocab_size(with_added_tokens=True), 0.15, "mask")
+    it = BatchIterator(data, args.batch_size, seed=0, masking=masking, with_targets=with_targets)
     return Prefetcher(it, pin_memory=True) if device.type == "cuda" else it
 
 
@@ -119,12 +117,12 @@ def student(config: BertConfig, num_atoms, mlm: bool, device, compile_: bool):
 def trainer_mode(mode: str, config, data, tok, args, device, bf16) -> dict:
     use_mlsm, use_mlm = mode != "mlm", mode != "mlsm"
     model, step_model = student(config, data.K if use_mlsm else None, use_mlm, device, args.compile)
-    opt = _adamw(param_groups(model, 0.01), 1e-4)
+    opt = adamw(param_groups(model, 0.01), 1e-4)
     batches = make_batches(data, tok, args, with_targets=use_mlsm, device=device)
+    spec = StepSpec(use_mlsm=use_mlsm, use_mlm=use_mlm, mlm_weight=1.0, clip=1.0, bf16=bf16)
 
     def step() -> int:
-        r = train_step(model, opt, next(batches), use_mlsm=use_mlsm, use_mlm=use_mlm, mlm_weight=1.0, clip=1.0,
-                       device=device, bf16=bf16, step_model=step_model)
+        r = train_step(model, opt, next(batches), spec, step_model=step_model)
         return r.n_tokens
 
     try:
@@ -144,7 +142,7 @@ def online_mode(config, data, tok, args, device, bf16) -> dict:
     L = lipschitz(D)  # once, as the reference
     V, K = config.vocab_size, D.shape[1]
     model, step_model = student(config, V + K, False, device, args.compile)
-    opt = _adamw(param_groups(model, 0.01), 1e-4)
+    opt = adamw(param_groups(model, 0.01), 1e-4)
     batches = make_batches(data, tok, args, with_targets=False, device=device)
 
     def step() -> int:

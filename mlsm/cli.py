@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -11,48 +12,16 @@ from pathlib import Path
 import click
 
 from mlsm import __version__
+from mlsm.core.config import (
+    ExtractConfig, FinetuneConfig, LayerReportConfig, PretrainConfig, SparseCodeConfig, TokenizeConfig, click_options,
+    from_cli,
+)
 from mlsm.core.errors import MLSMError
 
 log = logging.getLogger("mlsm")
 
 
-class TokenCount(click.ParamType):
-    """A token budget: an integer (1e6 and 300k are accepted) or 'all'."""
-
-    name = "N|all"
-
-    def convert(self, value, param, ctx):
-        if value is None or isinstance(value, int):
-            return value
-        text = str(value).strip().lower()
-        if text in ("all", "", "none"):
-            return None
-        mult = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}.get(text[-1], 1)
-        try:
-            n = int(float(text[:-1] if mult > 1 else text) * mult)
-        except ValueError:
-            self.fail(f"{value!r} is not a token count (e.g. 300000, 300k, 2M or all)", param, ctx)
-        if n <= 0:
-            self.fail("must be positive", param, ctx)
-        return n
-
-
-def parse_layers(ctx, param, value) -> list[int]:
-    try:
-        return sorted({int(x) for part in value for x in str(part).split(",") if x.strip()})
-    except ValueError:
-        raise click.BadParameter("layers are integers, e.g. --layers 6 or --layers 2,4,6")
-
-
-DEVICE = click.option("--device", default="auto", show_default=True,
-                      help="auto picks cuda when torch sees a GPU, else cpu.")
-FORCE = click.option("--force", is_flag=True, help="Redo the stage, deleting its previous outputs in --out.")
-NO_PROGRESS = click.option("--no-progress", is_flag=True, help="Hide progress bars (logs stay).")
-SHARD_INDEX = click.option("--shard-index", type=int, default=None,
-                           help="This worker's index (0..n-1); it takes shards i, i+n, i+2n, ... Under torchrun "
-                                "RANK sets it. The worker that finishes the last shard merges the result.")
-NUM_SHARDS = click.option("--num-shards", type=int, default=None,
-                          help="Number of workers sharing --out (under torchrun: WORLD_SIZE).")
+FORCE = click.option("--force", is_flag=True, help="Redo it, replacing the previous output in --out.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -95,7 +64,8 @@ def cli(verbose: bool, threads: int | None):
 @FORCE
 def corpus(npm_root: Path, out: Path, force: bool):
     """Build the default pre-training corpus (Brown + State of the Union, ~2.8M words)."""
-    from mlsm.core.manifest import MANIFEST, new_manifest, write_json_atomic
+    from mlsm.core.layout import MANIFEST
+    from mlsm.core.manifest import new_manifest, write_json_atomic
     from mlsm.pipeline.corpus_build import build_default_corpus
 
     if (out / MANIFEST).exists() and not force:
@@ -109,71 +79,24 @@ def corpus(npm_root: Path, out: Path, force: bool):
 
 
 @cli.command()
-@click.option("--corpus", "corpus_spec", default="data/corpus",
-              help="A .txt/.txt.gz/.jsonl file, a folder of them, or a glob.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("data/extract"))
-@click.option("--aux", default=None,
-              help="Auxiliary encoder: 'minilm' (default, the embedded all-MiniLM-L6-v2), a local HF BERT "
-                   "directory, or one of our runs/checkpoints.")
-@click.option("--layers", multiple=True, required=True, callback=parse_layers,
-              help="Layer(s) to store, HF numbering (0 = embeddings, i = block i). Explicit on purpose: "
-                   "the choice of layer shapes the targets. e.g. --layers 6 or --layers 2,4,6")
-@click.option("--max-len", default=128, help="Tokens per packed sequence, [CLS] and [SEP] included.")
-@click.option("--max-tokens", type=TokenCount(), default="all",
-              help="Stop after this many tokens (a slice of the corpus for quick runs).")
-@click.option("--shard-tokens", default=200_000, help="Tokens per Parquet shard.")
-@click.option("--batch-tokens", default=8192, help="Padded tokens per forward batch.")
-@SHARD_INDEX
-@NUM_SHARDS
-@DEVICE
-@FORCE
-@NO_PROGRESS
-def extract(corpus_spec, out, aux, layers, max_len, max_tokens, shard_tokens, batch_tokens, shard_index, num_shards,
-            device, force, no_progress):
+@click_options(ExtractConfig)
+def extract(**kw):
     """Run the auxiliary model on unmasked text; write per-token hidden states to Parquet shards.
 
     \b
     Several workers (same arguments, same --out) split the shards:
-      mlsm extract ... --shard-index 0 --num-shards 2  &  mlsm extract ... --shard-index 1 --num-shards 2
+      mlsm extract ... --worker-index 0 --num-workers 2  &  mlsm extract ... --worker-index 1 --num-workers 2
       torchrun --nproc-per-node 8 -m mlsm.cli extract ...   (one GPU per rank)
     The shards are the same as a single worker's; the last worker to finish writes manifest.json.
     """
     from mlsm.pipeline.extract import run_extract
 
-    run_extract(corpus_spec, out, layers, aux=aux, max_len=max_len, max_tokens=max_tokens,
-                shard_tokens=shard_tokens, batch_tokens=batch_tokens, device=device, force=force,
-                progress=not no_progress, shard_index=shard_index, num_shards=num_shards)
+    run_extract(from_cli(ExtractConfig, kw))
 
 
 @cli.command("sparse-code")
-@click.option("--extract-dir", type=click.Path(path_type=Path), default=Path("data/extract"))
-@click.option("--out", type=click.Path(path_type=Path), default=Path("data/codes"))
-@click.option("--layer", type=int, default=None, help="Which extracted layer to code (needed if several were extracted).")
-@click.option("-k", "--K", "K", default=3000, help="Dictionary size (number of latent semantic properties).")
-@click.option("--lambda", "lam", default=0.05, help="L1 penalty of the non-negative lasso.")
-@click.option("--tol", default=1e-4, help="Certified relative duality gap each token's code is solved to.")
-@click.option("--dict-samples", default=1_000_000, help="Token vectors sampled to learn the dictionary.")
-@click.option("--heldout", default=20_000, help="Extra vectors held out to report the dictionary's objective.")
-@click.option("--batch-size", default=8192, show_default=True,
-              help="Tokens per solver call; nn_lasso splits them into 1024-row chunks over the threads.")
-@click.option("--top-k", type=int, default=None,
-              help="Keep only the N largest atoms per token (default: all); the target a/sum(a) is renormalised "
-                   "over them. `make bench-extract` reports the KL this costs for N in 8..64.")
-@click.option("--values-dtype", "--values", "values", type=click.Choice(["float32", "float16"]), default="float32",
-              help="Storage type of the code values (float16 halves their bytes).")
-@click.option("--delete-hidden", is_flag=True,
-              help="Delete each hidden-state shard of --extract-dir once its codes are written and synced "
-                   "(the stage stays resumable; extracting again needs `mlsm extract --force`).")
-@click.option("--dictionary-only", is_flag=True,
-              help="Learn dictionary.h5 and stop: run this once before sharded workers (--shard-index).")
-@click.option("--seed", default=0)
-@SHARD_INDEX
-@NUM_SHARDS
-@DEVICE
-@FORCE
-@NO_PROGRESS
-def sparse_code(extract_dir, out, layer, K, lam, tol, dict_samples, heldout, batch_size, top_k, values, delete_hidden,
-                dictionary_only, seed, shard_index, num_shards, device, force, no_progress):
+@click_options(SparseCodeConfig)
+def sparse_code(**kw):
     """Learn the dictionary and write every token's non-negative sparse code to codes.h5.
 
     \b
@@ -182,84 +105,37 @@ def sparse_code(extract_dir, out, layer, K, lam, tol, dict_samples, heldout, bat
       torchrun --nproc-per-node 8 -m mlsm.cli sparse-code ...   (rank 0 learns it, the rest wait)
     or, with separate jobs:
       mlsm sparse-code ... --dictionary-only
-      mlsm sparse-code ... --shard-index i --num-shards n       (for each i; the last one merges)
+      mlsm sparse-code ... --worker-index i --num-workers n     (for each i; the last one merges)
     """
     from mlsm.pipeline.sparse_code import run_sparse_code
 
-    man = run_sparse_code(extract_dir, out, layer=layer, K=K, lam=lam, tol=tol, dict_samples=dict_samples,
-                          heldout=heldout, batch_size=batch_size, top_k=top_k, values=values, seed=seed,
-                          device=device, force=force, progress=not no_progress, shard_index=shard_index,
-                          num_shards=num_shards, dictionary_only=dictionary_only, delete_hidden=delete_hidden)
+    man = run_sparse_code(from_cli(SparseCodeConfig, kw))
     click.echo(json.dumps(man["report"], indent=2))
 
 
 @cli.command()
-@click.option("--corpus", "corpus_spec", default="data/corpus")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("data/tokens"))
-@click.option("--tokenizer-from", default=None, help="Model folder whose tokenizer to use (default: the embedded MiniLM's).")
-@click.option("--max-len", default=128)
-@click.option("--max-tokens", type=TokenCount(), default="all")
-@FORCE
-@NO_PROGRESS
-def tokenize(corpus_spec, out, tokenizer_from, max_len, max_tokens, force, no_progress):
+@click_options(TokenizeConfig)
+def tokenize(**kw):
     """Pack the corpus into tokens.h5 only (no auxiliary model): the input of --objective mlm."""
     from mlsm.pipeline.tokenize import run_tokenize
 
-    run_tokenize(corpus_spec, out, tokenizer_from=tokenizer_from, max_len=max_len, max_tokens=max_tokens,
-                 force=force, progress=not no_progress)
+    run_tokenize(from_cli(TokenizeConfig, kw))
 
 
 @cli.command()
-@click.option("--data", type=click.Path(path_type=Path), default=Path("data/codes/codes.h5"),
-              help="codes.h5 (MLSM) or tokens.h5 / codes.h5 (MLM).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder (default runs/<objective>-<model>).")
-@click.option("--objective", type=click.Choice(["mlsm", "mlm"]), default="mlsm")
-@click.option("--mlm-weight", default=0.0, help="w in L = L_MLSM + w * L_MLM (BabyLM used 1.0).")
-@click.option("--model", default="tiny", help="Student preset: tiny, mini, small, medium (the paper's) or base.")
-@click.option("--init-from", type=click.Path(path_type=Path), default=None, help="Start from one of our checkpoints.")
-@click.option("--steps", default=1000)
-@click.option("--batch-size", default=32, help="Sequences per optimizer step (paper: 1024).")
-@click.option("--grad-accum", default=1,
-              help="Micro-batches per step; batch-size (the global batch) must divide by grad-accum x processes.")
-@click.option("--lr", default=1e-4)
-@click.option("--warmup", default=0.01, help="Fraction of steps of linear warm-up.")
-@click.option("--weight-decay", default=0.01)
-@click.option("--mask-prob", default=0.15)
-@click.option("--mask-policy", type=click.Choice(["mask", "bert"]), default="mask",
-              help="mask: every selected token becomes [MASK] (the reference); bert: 80/10/10.")
-@click.option("--save-every", default=0, help="Also checkpoint every N steps (0: never).")
-@click.option("--milestones/--no-milestones", default=True,
-              help="Checkpoint at 10/25/50/100% of the steps, as the paper reports.")
-@click.option("--log-every", default=10)
-@click.option("--seed", default=0)
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto",
-              help="auto: bf16 autocast on GPU, fp32 on CPU.")
-@click.option("--compile/--no-compile", "compile_model", default=False, help="torch.compile the student.")
-@click.option("--max-bad-steps", default=10,
-              help="Steps with a non-finite loss or gradient are skipped; this many in a row stop the run.")
-@DEVICE
-@NO_PROGRESS
-def pretrain(data, out, objective, mlm_weight, model, init_from, steps, batch_size, grad_accum, lr, warmup,
-             weight_decay, mask_prob, mask_policy, save_every, milestones, log_every, seed, precision, compile_model,
-             max_bad_steps, device, no_progress):
+@click_options(PretrainConfig)
+def pretrain(**kw):
     """Pre-train the student from precomputed targets (never loads the auxiliary model).
 
     Several processes: `torchrun --nproc_per_node N -m mlsm.cli pretrain ...` (DDP: NCCL on GPUs,
     gloo on CPU); --batch-size stays the global batch.
     """
-    from mlsm.trainer.train import PretrainConfig, run_pretrain
+    from mlsm.trainer.train import run_pretrain
 
-    if not Path(data).exists():
-        hint = "mlsm sparse-code (make sparse-code)" if objective == "mlsm" else "mlsm tokenize (make tokens)"
-        raise MLSMError(f"{data} not found. Build it first with `{hint}`, or point --data at it.")
-    out = out or Path("runs") / f"{objective}-{model}"
-    cfg = PretrainConfig(data=Path(data), out_dir=Path(out), objective=objective, mlm_weight=mlm_weight,
-                         model=model, init_from=init_from, steps=steps, batch_size=batch_size,
-                         grad_accum=grad_accum, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                         mask_prob=mask_prob, mask_policy=mask_policy, seed=seed, device=device,
-                         save_every=save_every, milestones=milestones, log_every=log_every,
-                         progress=not no_progress, precision=precision, compile=compile_model,
-                         max_bad_steps=max_bad_steps)
+    cfg = from_cli(PretrainConfig, kw)
+    if not cfg.data.exists():
+        hint = "mlsm sparse-code (make sparse-code)" if cfg.objective == "mlsm" else "mlsm tokenize (make tokens)"
+        raise MLSMError(f"{cfg.data} not found. Build it first with `{hint}`, or point --data at it.")
     summary = run_pretrain(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         click.echo(json.dumps(summary, indent=2, default=str))
@@ -312,71 +188,36 @@ def eval_data(pip_root, npm_root, out, tasks, seed, force):
 
 
 @cli.command()
-@click.option("--model", required=True,
-              help="A run (its latest checkpoint), a step-XXXXXXX/ checkpoint, an exported HF BERT dir or 'minilm'.")
 @click.option("--task", "tasks", multiple=True, required=True, type=click.Path(path_type=Path),
               help="Task folder with train.* and dev.*/test.* (.tsv/.csv/.jsonl or .conll); repeat for several.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Write <out>/<task>/results.json and <out>/results.md.")
-@click.option("--seeds", default=3, help="Fine-tuning runs with seeds seed, seed+1, ...")
-@click.option("--seed", default=0)
-@click.option("--epochs", default=3.0)
-@click.option("--lr", default=2e-5)
-@click.option("--batch", default=32)
-@click.option("--weight-decay", default=0.01)
-@click.option("--warmup", default=0.1, help="Fraction of steps of linear warm-up, then linear decay.")
-@click.option("--max-len", default=128, help="Tokens per example, [CLS]/[SEP] included (longer ones are cut).")
-@click.option("--max-train", type=int, default=None, help="Seeded subsample of the training set (quick runs).")
-@click.option("--max-eval", type=int, default=None, help="Score a seeded subsample of N dev and N test examples.")
-@click.option("--text-cols", default=None, help="Text column(s) by name or 0-based index, e.g. sentence1,sentence2.")
-@click.option("--label-col", default=None, help="Label column by name or 0-based index.")
-@DEVICE
-@NO_PROGRESS
-def finetune(model, tasks, out, seeds, seed, epochs, lr, batch, weight_decay, warmup, max_len, max_train, max_eval,
-             text_cols, label_col, device, no_progress):
+@click_options(FinetuneConfig)
+def finetune(tasks, **kw):
     """Fine-tune MODEL on each --task with several seeds; report accuracy, macro-F1 (MCC if binary), mean ± std.
 
     \b
     Protocol defaults are DESIGN.md's: 3 epochs, lr 2e-5, batch 32, weight decay 0.01, 3 seeds.
     Scores are those after the last epoch (no selection on dev); test is scored when labelled.
     """
-    from mlsm.trainer.finetune import FinetuneConfig, markdown_table, run_finetune
+    from mlsm.trainer.finetune import markdown_table, run_finetune
 
+    base = from_cli(FinetuneConfig, kw)
     results = []
     for task in tasks:
-        cfg = FinetuneConfig(model=model, task=task, out_dir=(out / Path(task).name) if out else None, seeds=seeds,
-                             seed=seed, epochs=epochs, lr=lr, batch=batch, weight_decay=weight_decay, warmup=warmup,
-                             max_len=max_len, max_train=max_train, max_eval=max_eval,
-                             text_cols=tuple(text_cols.split(",")) if text_cols else None, label_col=label_col,
-                             device=device, progress=not no_progress)
-        results.append(run_finetune(cfg))
+        out = base.out_dir / Path(task).name if base.out_dir else None
+        results.append(run_finetune(dataclasses.replace(base, task=Path(task), out_dir=out)))
     table = markdown_table(results)
-    if out:
-        (Path(out) / "results.md").write_text(table, encoding="utf-8")
+    if base.out_dir:
+        (Path(base.out_dir) / "results.md").write_text(table, encoding="utf-8")
     click.echo(table)
 
 
 @cli.command("layer-report")
-@click.option("--extract-dir", type=click.Path(path_type=Path), default=Path("data/extract"),
-              help="Output of `mlsm extract --layers 2,4,6` (several layers in one pass).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("results/layer-report"))
-@click.option("--layers", multiple=True, callback=parse_layers, help="Subset of the extracted layers (default: all).")
-@click.option("-k", "--K", "K", default=500, help="Dictionary size for the report (smaller than training's K: cheap).")
-@click.option("--lambda", "lam", default=0.05)
-@click.option("--samples", default=20_000, help="Tokens to learn each layer's dictionary on.")
-@click.option("--heldout", default=5_000, help="Held-out tokens the measures are computed on (same for every layer).")
-@click.option("--few", default=3, help="An atom is 'lexical' if it fires for at most this many token types.")
-@click.option("--seed", default=0)
-@DEVICE
-@NO_PROGRESS
-def layer_report(extract_dir, out, layers, K, lam, samples, heldout, few, seed, device, no_progress):
+@click_options(LayerReportConfig)
+def layer_report(**kw):
     """Per extracted layer: held-out sparse-coding objective, nnz, atom-usage entropy, lexical atoms, aux FLOPs."""
     from mlsm.pipeline.layer_report import layer_report as run, markdown
-    from mlsm.core.device import pick_device
 
-    rep = run(extract_dir, out, layers=layers or None, K=K, lam=lam, samples=samples, heldout=heldout, few=few,
-              seed=seed, device=str(pick_device(device)), progress=not no_progress)
-    click.echo(markdown(rep))
+    click.echo(markdown(run(from_cli(LayerReportConfig, kw))))
 
 
 def main(argv=None):

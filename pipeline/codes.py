@@ -250,6 +250,10 @@ class TokenData:
         return len(self.tokens)
 
     @property
+    def max_token_id(self) -> int:
+        return int(self.tokens.max())
+
+    @property
     def max_seq_len(self) -> int:
         return int(self.seq_lengths.max())
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from mlsm.core.errors import MLSMError
-from mlsm.core.manifest import MANIFEST, atomic_path, new_manifest, write_json_atomic
+from mlsm.core.layout import MANIFEST
+from mlsm.core.manifest import atomic_path, new_manifest, write_json_atomic
 from mlsm.pipeline.corpus_build import BROWN_PKG, brown_files, split_tag
 
 log = logging.getLogger(__name__)

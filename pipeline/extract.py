@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
-import threading
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -28,20 +26,20 @@ import torch
 from tqdm import tqdm
 
 from mlsm.core import hf
+from mlsm.core.background import Drain, Prefetch
+from mlsm.core.config import ExtractConfig, recorded
 from mlsm.core.device import pick_device
 from mlsm.core.errors import MLSMError
-from mlsm.core.manifest import MANIFEST, PROGRESS, new_manifest, write_json_atomic
+from mlsm.core.layout import MANIFEST, PROGRESS, SHARD_GLOB, TOKENIZER_DIR, WORKERS_DIR, shard_name
+from mlsm.core.manifest import new_manifest, write_json_atomic
+from mlsm.core.ranks import Rank, join
 from mlsm.pipeline import corpus as corpus_mod
 from mlsm.pipeline.sequences import limit_tokens, pack_documents
-from mlsm.pipeline.shards import shard_name, shard_rows, write_shard
-from mlsm.pipeline.workers import (
-    Worker, finish, merge_once, missing_workers, prepare_shared_stage, read_records, resolve_worker,
-)
+from mlsm.pipeline.shards import shard_rows, write_shard
+from mlsm.pipeline.workers import BARRIER_TIMEOUT, merge_once, missing_workers, prepare_shared_stage, read_records
 
 log = logging.getLogger(__name__)
 
-WORKERS_DIR = "workers"
-_END = object()
 
 
 def cut_shards(sequences: Iterable[np.ndarray], shard_tokens: int) -> Iterator[tuple[int, int, list[np.ndarray]]]:
@@ -88,32 +86,6 @@ def forward_batch(encoder, batch: list[np.ndarray], layers: list[int], pad_id: i
     return {l: states[l].reshape(-1, states[l].shape[-1])[flat_mask].to(torch.float16).cpu().numpy() for l in layers}
 
 
-def _background(fn, *args) -> tuple[threading.Thread, list]:
-    """Run fn in a daemon thread; the returned list receives its exception, if any."""
-    errors: list[BaseException] = []
-
-    def target():
-        try:
-            fn(*args)
-        except BaseException as e:  # re-raised in the main thread
-            errors.append(e)
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    return t, errors
-
-
-def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
-    """Put unless the consumer has stopped (then the producer just ends)."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.2)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
 def _done_shards(out_dir: Path) -> dict[int, dict]:
     """Shards any worker (of any earlier split) finished and whose file is still there, whole."""
     done = {}
@@ -124,50 +96,34 @@ def _done_shards(out_dir: Path) -> dict[int, dict]:
     return done
 
 
-def run_extract(
-    corpus: str,
-    out_dir: Path,
-    layers: list[int],
-    aux: str | None = None,
-    max_len: int = 128,
-    max_tokens: int | None = None,
-    shard_tokens: int = 200_000,
-    batch_tokens: int = 8192,
-    device: str = "auto",
-    force: bool = False,
-    progress: bool = True,
-    shard_index: int | None = None,
-    num_shards: int | None = None,
-) -> dict:
+def run_extract(cfg: ExtractConfig) -> dict:
     """Extract this worker's shards; the worker that completes the set writes manifest.json.
 
     Returns the stage manifest, or (for a worker that is not last) its own record with
     complete=False.
     """
-    out_dir = Path(out_dir)
-    worker = resolve_worker(shard_index, num_shards)
+    cfg.validate()
+    rank = join(index=cfg.worker_index, count=cfg.num_workers, timeout=BARRIER_TIMEOUT)
     try:
-        return _run_extract(worker, corpus, out_dir, layers, aux, max_len, max_tokens, shard_tokens,
-                            batch_tokens, device, force, progress)
+        return _run_extract(cfg, rank)
     finally:
-        finish(worker)
+        rank.close()
 
 
-def _run_extract(worker: Worker, corpus, out_dir, layers, aux, max_len, max_tokens, shard_tokens, batch_tokens,
-                 device, force, progress) -> dict:
-    paths = corpus_mod.resolve_corpus(corpus)
-    model_dir = hf.resolve_model_dir(aux)
+def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
+    out_dir = Path(cfg.out)
+    paths = corpus_mod.resolve_corpus(cfg.corpus)
+    model_dir = hf.resolve_model_dir(cfg.aux)
     tokenizer = hf.load_tokenizer(model_dir)
     special = hf.special_token_ids(tokenizer)
-    layers = sorted(set(int(l) for l in layers))
-    params = {"layers": layers, "max_len": max_len, "max_tokens": max_tokens, "shard_tokens": shard_tokens}
+    params = recorded(cfg)
     inputs = {
         "corpus": corpus_mod.corpus_fingerprint(paths),
         "aux_weights": hf.weights_fingerprint(model_dir),
         "tokenizer": hf.tokenizer_fingerprint(tokenizer),
     }
-    state, old = prepare_shared_stage(worker, out_dir, "extract", params, inputs, force,
-                                      ["shard-*.parquet", "tokenizer", WORKERS_DIR])
+    state, old = prepare_shared_stage(rank, out_dir, "extract", params, inputs, cfg.force,
+                                      [SHARD_GLOB, TOKENIZER_DIR, WORKERS_DIR])
     if state == "done":
         missing = [s["file"] for s in old["shards"] if not (out_dir / s["file"]).exists()]
         if missing:
@@ -177,119 +133,96 @@ def _run_extract(worker: Worker, corpus, out_dir, layers, aux, max_len, max_toke
                  out_dir, old["tokens"])
         return old
 
-    dev = pick_device(device)
-    encoder, config, _ = hf.load_encoder(aux, device=dev)
+    dev = pick_device(cfg.device)
+    encoder, config, _ = hf.load_encoder(cfg.aux, device=dev)
+    layers = list(cfg.layers)
     bad = [l for l in layers if not 0 <= l <= config.num_hidden_layers]
     if bad:
         raise MLSMError(f"layers {bad} do not exist: the auxiliary model has layers 0..{config.num_hidden_layers}.")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if worker.index == 0:
-        hf.copy_tokenizer_files(model_dir, out_dir / "tokenizer")
+    if rank.is_main:
+        hf.copy_tokenizer_files(model_dir, out_dir / TOKENIZER_DIR)
 
     stage_doc = new_manifest("extract", params, inputs)
-    stage_doc.update(aux=str(aux or hf.DEFAULT_AUX), aux_config=config.to_hf(), d=config.hidden_size,
+    stage_doc.update(aux=str(cfg.aux or hf.DEFAULT_AUX), aux_config=config.to_hf(), d=config.hidden_size,
                      special_ids=special, corpus_files=[str(p) for p in paths])
     write_json_atomic(out_dir / PROGRESS, stage_doc)
     done = _done_shards(out_dir)
-    record_path = out_dir / WORKERS_DIR / f"{worker.name}.json"
-    record = {"worker": worker.index, "workers": worker.count, "device": str(dev), "total_shards": None,
-              "shards": [e for j, e in sorted(done.items()) if worker.owns(j)]}
+    record_path = out_dir / WORKERS_DIR / f"{rank.name}.json"
+    record = {"worker": rank.index, "workers": rank.count, "device": str(dev), "total_shards": None,
+              "shards": [e for j, e in sorted(done.items()) if rank.owns(j)]}
     if done:
-        log.info("extract: %d shards already finished; %s resumes", len(done), worker.name)
+        log.info("extract: %d shards already finished; %s resumes", len(done), rank.name)
 
     stats = corpus_mod.CorpusStats()
     sequences = limit_tokens(
-        pack_documents(corpus_mod.iter_documents(paths, stats), tokenizer, max_len, special["cls"], special["sep"]),
-        max_tokens,
+        pack_documents(corpus_mod.iter_documents(paths, stats), tokenizer, cfg.max_len, special["cls"], special["sep"]),
+        cfg.max_tokens,
     )
-    stop = threading.Event()
-    work_q: queue.Queue = queue.Queue(maxsize=2)
-    write_q: queue.Queue = queue.Queue(maxsize=2)
     total = {"shards": 0}
 
-    def produce():
-        for index, first, seqs in cut_shards(sequences, shard_tokens):
+    def work():
+        """(index, first sequence, its sequences or None when not ours to compute, tokens) per shard."""
+        for index, first, seqs in cut_shards(sequences, cfg.shard_tokens):
             total["shards"] = index + 1
-            mine = worker.owns(index) and index not in done
-            item = (index, first, seqs if mine else None, sum(len(s) for s in seqs))
-            if not _put(work_q, item, stop):
-                return
-        _put(work_q, _END, stop)
+            mine = rank.owns(index) and index not in done
+            yield index, first, seqs if mine else None, sum(len(s) for s in seqs)
 
-    def write():
-        while (item := write_q.get()) is not _END:
-            index, first, seqs, hidden = item
-            seq_ids = np.repeat(np.arange(first, first + len(seqs), dtype=np.int64), [len(s) for s in seqs])
-            positions = np.concatenate([np.arange(len(s), dtype=np.int16) for s in seqs])
-            write_shard(out_dir / shard_name(index), seq_ids, positions, np.concatenate(seqs), hidden)
-            record["shards"].append({"index": index, "file": shard_name(index), "tokens": int(len(seq_ids)),
-                                     "seq_start": first, "seq_end": first + len(seqs), "sequences": len(seqs)})
-            write_json_atomic(record_path, record)
+    def write(item):
+        index, first, seqs, hidden = item
+        seq_ids = np.repeat(np.arange(first, first + len(seqs), dtype=np.int64), [len(s) for s in seqs])
+        positions = np.concatenate([np.arange(len(s), dtype=np.int16) for s in seqs])
+        write_shard(out_dir / shard_name(index), seq_ids, positions, np.concatenate(seqs), hidden)
+        record["shards"].append({"index": index, "file": shard_name(index), "tokens": int(len(seq_ids)),
+                                 "seq_start": first, "seq_end": first + len(seqs), "sequences": len(seqs)})
+        write_json_atomic(record_path, record)
 
-    producer, producer_errors = _background(produce)
-    writer, writer_errors = _background(write)
-    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"extract {worker.index}/{worker.count}",
-               disable=not progress)
+    # Packing runs ahead of the forward and Parquet writing behind it, each at most two shards away.
+    producer, writer = Prefetch(work(), depth=2, name="mlsm-pack"), Drain(write, depth=2, name="mlsm-write")
+    bar = tqdm(total=cfg.max_tokens, unit="tok", unit_scale=True, desc=f"extract {rank.index}/{rank.count}",
+               disable=not cfg.progress)
     t0 = time.time()
     new_tokens = 0
     t_forward = 0.0
     try:
-        while True:
-            try:
-                item = work_q.get(timeout=0.5)
-            except queue.Empty:
-                if producer_errors or writer_errors:
-                    break
-                continue
-            if item is _END:
-                break
-            index, first, seqs, n_tokens = item
+        for index, first, seqs, n_tokens in producer:
             if seqs is not None:
                 tf = time.time()
-                outs = [forward_batch(encoder, b, layers, special["pad"], dev, dtype) for b in _batches(seqs, batch_tokens)]
+                outs = [forward_batch(encoder, b, layers, special["pad"], dev, dtype)
+                        for b in _batches(seqs, cfg.batch_tokens)]
                 hidden = {l: np.concatenate([o[l] for o in outs]) for l in layers}
                 t_forward += time.time() - tf
                 del outs
-                while not writer_errors:
-                    try:
-                        write_q.put((index, first, seqs, hidden), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
+                writer.put((index, first, seqs, hidden))
                 new_tokens += n_tokens
             bar.update(n_tokens)
     finally:
-        stop.set()
-        write_q.put(_END) if not writer_errors else None
-        writer.join()
-        producer.join()
+        producer.close()
         bar.close()
-    for errors in (producer_errors, writer_errors):
-        if errors:
-            raise errors[0]
+        writer.close()  # every shard handed over is written, also when the forward failed
     wall = time.time() - t0
     if total["shards"] == 0:
         corpus_mod.require_nonempty(stats)
-        raise MLSMError(f"the corpus {corpus} produced no token sequences; check that it contains text.")
+        raise MLSMError(f"the corpus {cfg.corpus} produced no token sequences; check that it contains text.")
     if stats.invalid_utf8_lines:
         log.warning("extract: %d lines had invalid UTF-8, replaced by U+FFFD", stats.invalid_utf8_lines)
     record.update(total_shards=total["shards"], corpus_stats=stats.as_dict(), wall_s=round(wall, 2),
                   forward_s=round(t_forward, 2), new_tokens=new_tokens,
                   tokens_per_s=round(new_tokens / wall, 1) if wall > 0 and new_tokens else None)
     write_json_atomic(record_path, record)
-    log.info("extract: %s finished its shards (%d new tokens, %.0f tokens/s)", worker.name, new_tokens,
+    log.info("extract: %s finished its shards (%d new tokens, %.0f tokens/s)", rank.name, new_tokens,
              record["tokens_per_s"] or 0)
-    manifest = merge_extract(out_dir, worker)
+    manifest = merge_extract(out_dir, rank)
     return manifest if manifest is not None else {**record, "complete": False}
 
 
-def merge_extract(out_dir: Path, worker: Worker) -> dict | None:
+def merge_extract(out_dir: Path, worker: Rank) -> dict | None:
     """Write manifest.json once every shard of the stream is on disk and every worker of this split
     has recorded its end; None until then."""
     return merge_once(out_dir, "extract", lambda: _merge_extract(Path(out_dir), worker))
 
 
-def _merge_extract(out_dir: Path, worker: Worker) -> dict | None:
+def _merge_extract(out_dir: Path, worker: Rank) -> dict | None:
     records = read_records(out_dir / WORKERS_DIR)
     finished = [r for r in records if r.get("total_shards") is not None]
     waiting = missing_workers(records, worker, lambda r: r.get("total_shards") is not None)

@@ -22,11 +22,13 @@ import numpy as np
 import torch
 
 from mlsm import __version__
+from mlsm.core.config import LayerReportConfig
+from mlsm.core.device import pick_device
 from mlsm.core.errors import MLSMError
 from mlsm.core.manifest import read_manifest, write_json_atomic
 from mlsm.pipeline.dictionary import learn_dictionary
 from mlsm.pipeline.solvers import nn_lasso
-from mlsm.pipeline.sparse_code import normalize_rows, read_sample, sample_rows
+from mlsm.pipeline.sparse_code import l2_normalize_states, read_sample, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +74,10 @@ def atom_stats(codes: torch.Tensor, token_ids: np.ndarray, few: int) -> dict:
     }
 
 
-def layer_report(
-    extract_dir: Path,
-    out_dir: Path | None = None,
-    layers: list[int] | None = None,
-    K: int = 500,
-    lam: float = 0.05,
-    samples: int = 20_000,
-    heldout: int = 5_000,
-    few: int = 3,
-    seed: int = 0,
-    device: str = "cpu",
-    progress: bool = True,
-) -> dict:
-    extract_dir = Path(extract_dir)
+def layer_report(cfg: LayerReportConfig) -> dict:
+    extract_dir, out_dir, layers, K, lam = Path(cfg.extract_dir), cfg.out, list(cfg.layers), cfg.K, cfg.lam
+    samples, heldout, few, seed, progress = cfg.samples, cfg.heldout, cfg.few, cfg.seed, cfg.progress
+    device = str(pick_device(cfg.device))
     man = read_manifest(extract_dir, stage="extract", fix="run `mlsm extract --layers 2,4,6` first")
     have = list(man["params"]["layers"])
     layers = have if not layers else layers
@@ -108,7 +100,7 @@ def layer_report(
 
     per_layer = []
     for layer in layers:
-        X = normalize_rows(read_sample(extract_dir, shards, rows, layer), device)
+        X = l2_normalize_states(read_sample(extract_dir, shards, rows, layer), device)
         Xtr, Xho = X[torch.as_tensor(train_idx)], X[torch.as_tensor(held_idx)]
         res = learn_dictionary(Xtr, K=K, lam=lam, seed=seed, device=device, progress=progress,
                                init_samples=min(len(Xtr), 50_000))

@@ -16,8 +16,10 @@ import numpy as np
 from tqdm import tqdm
 
 from mlsm.core import hf
+from mlsm.core.config import TokenizeConfig, recorded
 from mlsm.core.errors import MLSMError
-from mlsm.core.manifest import MANIFEST, PROGRESS, new_manifest, prepare_stage, write_json_atomic
+from mlsm.core.layout import MANIFEST, PARTS_DIR, PROGRESS, TOKENIZER_DIR, TOKENS, part_name
+from mlsm.core.manifest import new_manifest, prepare_stage, write_json_atomic
 from mlsm.pipeline import corpus as corpus_mod
 from mlsm.pipeline.codes import merge_parts, write_part
 from mlsm.pipeline.sequences import limit_tokens, pack_documents
@@ -25,31 +27,23 @@ from mlsm.pipeline.sequences import limit_tokens, pack_documents
 log = logging.getLogger(__name__)
 
 
-def run_tokenize(
-    corpus: str,
-    out_dir: Path,
-    tokenizer_from: str | None = None,
-    max_len: int = 128,
-    max_tokens: int | None = None,
-    part_tokens: int = 1_000_000,
-    force: bool = False,
-    progress: bool = True,
-) -> dict:
-    out_dir = Path(out_dir)
-    paths = corpus_mod.resolve_corpus(corpus)
-    model_dir = hf.resolve_model_dir(tokenizer_from)
+def run_tokenize(cfg: TokenizeConfig) -> dict:
+    cfg.validate()
+    out_dir, max_len, max_tokens, part_tokens = Path(cfg.out), cfg.max_len, cfg.max_tokens, cfg.part_tokens
+    paths = corpus_mod.resolve_corpus(cfg.corpus)
+    model_dir = hf.resolve_model_dir(cfg.tokenizer_from)
     tokenizer = hf.load_tokenizer(model_dir)
     special = hf.special_token_ids(tokenizer)
     tok_fp = hf.tokenizer_fingerprint(tokenizer)
-    params = {"max_len": max_len, "max_tokens": max_tokens, "part_tokens": part_tokens}
+    params = recorded(cfg)
     inputs = {"corpus": corpus_mod.corpus_fingerprint(paths), "tokenizer": tok_fp}
-    state, old = prepare_stage(out_dir, "tokenize", params, inputs, force, ["tokens.h5", "parts", "tokenizer"])
+    state, old = prepare_stage(out_dir, "tokenize", params, inputs, cfg.force, [TOKENS, PARTS_DIR, TOKENIZER_DIR])
     if state == "done":
         log.info("tokenize: %s is already complete; nothing to do. Use --force to redo it.", out_dir)
         return old
-    parts_dir = out_dir / "parts"
+    parts_dir = out_dir / PARTS_DIR
     parts_dir.mkdir(exist_ok=True)
-    hf.copy_tokenizer_files(model_dir, out_dir / "tokenizer")
+    hf.copy_tokenizer_files(model_dir, out_dir / TOKENIZER_DIR)
     doc = new_manifest("tokenize", params, inputs)
     write_json_atomic(out_dir / PROGRESS, doc)
 
@@ -59,14 +53,14 @@ def run_tokenize(
         max_tokens,
     )
     t0 = time.time()
-    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenize", disable=not progress)
+    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenize", disable=not cfg.progress)
     buf: list[np.ndarray] = []
     n_buf = 0
     parts: list[Path] = []
 
     def flush():
         nonlocal buf, n_buf
-        part = parts_dir / f"part-{len(parts):05d}.h5"
+        part = parts_dir / part_name(len(parts))
         if not part.exists():  # finished before an interruption: packing is deterministic
             write_part(part, np.concatenate(buf), np.array([len(s) for s in buf]))
         parts.append(part)
@@ -83,13 +77,13 @@ def run_tokenize(
     bar.close()
     if not parts:
         corpus_mod.require_nonempty(stats)
-        raise MLSMError(f"the corpus {corpus} produced no token sequences; check that it contains text.")
-    merged = merge_parts(parts, out_dir / "tokens.h5", {"tokenizer_fingerprint": tok_fp, "max_len": max_len})
+        raise MLSMError(f"the corpus {cfg.corpus} produced no token sequences; check that it contains text.")
+    merged = merge_parts(parts, out_dir / TOKENS, {"tokenizer_fingerprint": tok_fp, "max_len": max_len})
     shutil.rmtree(parts_dir)
     manifest = dict(doc)
     manifest.update(complete=True, tokens=merged["tokens"], sequences=merged["sequences"],
                     corpus_stats=stats.as_dict(), wall_s=round(time.time() - t0, 2))
     write_json_atomic(out_dir / MANIFEST, manifest)
     (out_dir / PROGRESS).unlink(missing_ok=True)
-    log.info("tokenize: %d tokens in %d sequences -> %s", merged["tokens"], merged["sequences"], out_dir / "tokens.h5")
+    log.info("tokenize: %d tokens in %d sequences -> %s", merged["tokens"], merged["sequences"], out_dir / TOKENS)
     return manifest

@@ -1,4 +1,4 @@
-"""trainer/checkpoint.py: model dirs resolve, save/load round-trips, tokenizers agree, errors are MLSMError."""
+"""mlsm/core/hf.py: model dirs resolve, save/load round-trips, tokenizers agree, errors are MLSMError."""
 
 import hashlib
 import json

@@ -23,3 +23,23 @@ def test_group_help_lists_every_command():
     described = out.split("Options:")[0]
     for name in cli.commands:
         assert f"mlsm {name}" in described, f"`mlsm --help` does not describe `mlsm {name}`"
+
+
+def test_the_old_worker_flags_still_work_hidden_and_warned(caplog):
+    import click
+
+    from mlsm.core.config import ExtractConfig, click_options, from_cli
+
+    seen = {}
+
+    @click.command()
+    @click_options(ExtractConfig)
+    def cmd(**kw):
+        seen["cfg"] = from_cli(ExtractConfig, kw)
+
+    res = CliRunner().invoke(cmd, ["--corpus", "c.txt", "--layers", "6", "--shard-index", "1", "--num-shards", "3"])
+    assert res.exit_code == 0, res.output
+    assert (seen["cfg"].worker_index, seen["cfg"].num_workers) == (1, 3)
+    assert "--shard-index is deprecated; use --worker-index" in caplog.text
+    helptext = CliRunner().invoke(cmd, ["--help"]).output
+    assert "--worker-index" in helptext and "--shard-index" not in helptext

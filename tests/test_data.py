@@ -11,7 +11,8 @@ import torch
 
 from mlsm.core.errors import MLSMError
 from mlsm.pipeline.codes import TokenData
-from mlsm.trainer.data import BatchIterator, csr_take, get_batch, mask_tokens, normalise_rows
+from mlsm.core.ranks import Rank
+from mlsm.trainer.data import BatchIterator, Masking, codes_to_distributions, csr_take, get_batch, mask_tokens
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4
 PAD, UNK, CLS, SEP, MASK = range(5)
@@ -85,7 +86,10 @@ def codes_h5(tmp_path_factory) -> Path:
 
 
 def _iterator(data: TokenData, batch_size: int = 16, **kw) -> BatchIterator:
-    args = dict(seed=0, mask_id=MASK, vocab_size=VOCAB, special_ids=[CLS, SEP, PAD, MASK], block_size=8, shuffle_window=32)
+    masking = Masking(kw.pop("mask_prob", 0.15), kw.pop("mask_policy", "mask"), MASK, VOCAB, (CLS, SEP, PAD, MASK))
+    if "world_size" in kw:
+        kw["rank"] = Rank(kw.pop("rank", 0), kw.pop("world_size"))
+    args = dict(seed=0, masking=masking, block_size=8, shuffle_window=32)
     args.update(kw)
     return BatchIterator(data, batch_size, **args)
 
@@ -112,7 +116,7 @@ def test_csr_take_and_normalise():
     values = np.array([1.0, 3.0, 0.0, 2.0, 2.0])
     ip, ix, v = csr_take(indptr, indices, values, np.array([3, 1, 0, 2]))
     assert ip.tolist() == [0, 2, 2, 4, 5] and ix.tolist() == [2, 4, 1, 3, 0]
-    ip, ix, v = normalise_rows(ip, ix, v)
+    ip, ix, v = codes_to_distributions(ip, ix, v)
     # row 3 (only a zero entry) becomes empty; the others sum to 1
     assert ip.tolist() == [0, 2, 2, 4, 4] and ix.tolist() == [2, 4, 1, 3]
     np.testing.assert_allclose(v, [0.5, 0.5, 0.25, 0.75])
@@ -125,7 +129,7 @@ def test_batch_targets_match_file_rows(codes_h5):
         seq_ids = np.array([17, 3, 4, 5, 150, 99, 100])
         b = get_batch(data, seq_ids)
         special = torch.isin(b.input_ids, torch.tensor([CLS, SEP, PAD]))
-        ids, mi = mask_tokens(b.input_ids, b.attention_mask, special, 0.3, "mask", MASK, VOCAB, gen)
+        ids, mi = mask_tokens(b.input_ids, b.attention_mask, special, Masking(0.3, "mask", MASK, VOCAB), gen)
         ip, ix, val = b.targets(mi)
         got = _batch_targets(ip.numpy(), ix.numpy(), val.numpy())
         T = b.input_ids.shape[1]
@@ -196,7 +200,7 @@ def _random_batch(B=2000, T=64, seed=0):
 
 def test_mask_rate_and_specials():
     ids, attn, special = _random_batch()
-    out, mi = mask_tokens(ids, attn, special, 0.15, "mask", MASK, VOCAB, torch.Generator().manual_seed(1))
+    out, mi = mask_tokens(ids, attn, special, Masking(0.15, "mask", MASK, VOCAB), torch.Generator().manual_seed(1))
     sel = torch.zeros(ids.numel(), dtype=torch.bool)
     sel[mi] = True
     sel = sel.view(ids.shape)
@@ -212,7 +216,7 @@ def test_mask_rate_and_specials():
 def test_mask_policy_bert_proportions():
     ids, attn, special = _random_batch(seed=2)
     specials = [CLS, SEP, PAD, MASK]
-    out, mi = mask_tokens(ids, attn, special, 0.15, "bert", MASK, VOCAB, torch.Generator().manual_seed(5), specials)
+    out, mi = mask_tokens(ids, attn, special, Masking(0.15, "bert", MASK, VOCAB, tuple(specials)), torch.Generator().manual_seed(5))
     orig, new = ids.reshape(-1)[mi], out.reshape(-1)[mi]
     n = len(mi)
     frac_mask = (new == MASK).sum().item() / n
@@ -229,9 +233,9 @@ def test_mask_policy_bert_proportions():
 
 def test_mask_deterministic_for_seed():
     ids, attn, special = _random_batch(B=50)
-    a = mask_tokens(ids, attn, special, 0.15, "bert", MASK, VOCAB, torch.Generator().manual_seed(7))
-    b = mask_tokens(ids, attn, special, 0.15, "bert", MASK, VOCAB, torch.Generator().manual_seed(7))
-    c = mask_tokens(ids, attn, special, 0.15, "bert", MASK, VOCAB, torch.Generator().manual_seed(8))
+    a = mask_tokens(ids, attn, special, Masking(0.15, "bert", MASK, VOCAB), torch.Generator().manual_seed(7))
+    b = mask_tokens(ids, attn, special, Masking(0.15, "bert", MASK, VOCAB), torch.Generator().manual_seed(7))
+    c = mask_tokens(ids, attn, special, Masking(0.15, "bert", MASK, VOCAB), torch.Generator().manual_seed(8))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
 
@@ -339,7 +343,7 @@ def test_prefetcher_is_transparent(codes_h5):
             def __next__(self):
                 raise RuntimeError("disk on fire")
 
-        pre = Prefetcher(Broken(data, 16, seed=0, mask_id=MASK, vocab_size=VOCAB, special_ids=[CLS, SEP, PAD, MASK]))
+        pre = Prefetcher(Broken(data, 16, seed=0, masking=Masking(0.15, "mask", MASK, VOCAB, (CLS, SEP, PAD, MASK))))
         with pytest.raises(RuntimeError, match="disk on fire"):
             next(pre)
         pre.close()

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_data import make_dataset
-from mlsm.trainer.train import PretrainConfig, run_pretrain
+from mlsm.core.config import PretrainConfig
+from mlsm.trainer.train import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -26,7 +27,8 @@ NO_DROPOUT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, in
 
 def _cfg(data: Path, out: Path, **kw) -> PretrainConfig:
     args = dict(data=data, out_dir=out, steps=4, batch_size=16, lr=1e-2, warmup=0.25, model_overrides=NO_DROPOUT,
-                mlm_weight=1.0, max_len=16, log_every=1, save_every=2, device="cpu", progress=False)
+                mlm_weight=1.0, max_len=16, log_every=1, save_every=2, device="cpu", progress=False,
+                milestones=False)  # checkpoints only where a test asks for them
     args.update(kw)
     return PretrainConfig(**args)
 

@@ -178,7 +178,7 @@ def test_a_worker_that_finds_every_shard_done_waits_for_the_other_workers_record
     cmd = (_extract_cmd if stage == "extract" else _codes_cmd)(kit, root / "out")
     if stage == "codes":
         assert run_cli(cmd + ["--dictionary-only"]).returncode == 0
-    worker = lambda i: cmd + ["--shard-index", str(i), "--num-shards", "2"]  # noqa: E731
+    worker = lambda i: cmd + ["--worker-index", str(i), "--num-workers", "2"]  # noqa: E731
     probe = root / "probe"  # worker 1 alone, elsewhere: how many atomic writes it makes (its record is last)
     probe_cmd = [str(probe) if a == str(root / "out") else a for a in worker(1)]
     if stage == "codes":

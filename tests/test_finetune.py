@@ -1,4 +1,4 @@
-"""trainer/finetune.py + trainer/metrics.py: exact metrics, task formats, and learning on toy tasks."""
+"""trainer/finetune.py + trainer/scores.py: exact metrics, task formats, and learning on toy tasks."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from mlsm.core.errors import MLSMError
 from tests.test_train import one_thread  # noqa: F401  (autouse: tiny models on one thread)
 from mlsm.core.hf import save_model_dir
 from mlsm.trainer.export import export_model
-from mlsm.trainer.finetune import FinetuneConfig, load_task, markdown_table, read_classification, run_finetune
-from mlsm.trainer.metrics import accuracy, macro_f1, mcc, mean_std, scores
+from mlsm.core.config import FinetuneConfig
+from mlsm.trainer.finetune import load_task, markdown_table, read_classification, run_finetune
+from mlsm.trainer.scores import accuracy, macro_f1, mcc, mean_std, scores
 from mlsm.core.bert import BertConfig, Student
 
 N_WORDS = 45  # words w0..w44 in 5 topics of 9

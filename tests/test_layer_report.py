@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from mlsm.core.config import LayerReportConfig
 from mlsm.core.errors import MLSMError
-from mlsm.core.manifest import MANIFEST, write_json_atomic
+from mlsm.core.layout import MANIFEST
+from mlsm.core.manifest import write_json_atomic
 from mlsm.pipeline.layer_report import atom_stats, aux_flops_per_token, layer_report
 from mlsm.pipeline.shards import write_shard
 
@@ -60,7 +62,8 @@ def _extract_dir(folder, n=2400):
 
 def test_report_tells_lexical_layer_from_noise(tmp_path):
     ex = _extract_dir(tmp_path / "extract")
-    rep = layer_report(ex, tmp_path / "out", K=TYPES, lam=0.05, samples=1500, heldout=400, few=1, progress=False)
+    rep = layer_report(LayerReportConfig(ex, tmp_path / "out", K=TYPES, lam=0.05, samples=1500, heldout=400, few=1,
+                                         device="cpu", progress=False))
     by = {r["layer"]: r for r in rep["layers"]}
     assert by[1]["heldout_objective"] < 0.5 * by[2]["heldout_objective"]
     assert by[1]["lexical_atom_share"] > 0.8 > by[2]["lexical_atom_share"]
@@ -70,4 +73,4 @@ def test_report_tells_lexical_layer_from_noise(tmp_path):
     assert [r["layer"] for r in saved["layers"]] == [1, 2]
     assert (tmp_path / "out" / "layer_report.md").read_text().count("\n| ") == 3  # the header and two layers
     with pytest.raises(MLSMError, match="not \\[5\\]"):
-        layer_report(ex, layers=[5], progress=False)
+        layer_report(LayerReportConfig(ex, None, layers=(5,), progress=False))

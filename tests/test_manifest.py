@@ -3,7 +3,8 @@ import json
 import pytest
 
 from mlsm.core.errors import MLSMError
-from mlsm.core.manifest import MANIFEST, PROGRESS, atomic_path, prepare_stage, read_manifest, write_json_atomic
+from mlsm.core.layout import MANIFEST, PROGRESS
+from mlsm.core.manifest import atomic_path, prepare_stage, read_manifest, write_json_atomic
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):

@@ -1,4 +1,4 @@
-"""trainer/model.py: our BERT must reproduce HF BertModel on real weights, stop at the asked layer,
+"""mlsm/core/bert.py: our BERT must reproduce HF BertModel on real weights, stop at the asked layer,
 and run the heads only at masked positions."""
 
 import pytest

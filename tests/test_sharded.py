@@ -1,6 +1,6 @@
 """Sharded preprocessing: two workers (separate processes on CPU) give the single worker's result.
 
-Extract runs as two `--shard-index` jobs, sparse-code once under torchrun (rank 0 learns the
+Extract runs as two `--worker-index` jobs, sparse-code once under torchrun (rank 0 learns the
 dictionary, rank 1 waits) and once as `--dictionary-only` + two jobs with --delete-hidden.
 Every process uses one thread, so the floating-point work is the same in all of them.
 """
@@ -50,7 +50,7 @@ def runs(tmp_path_factory):
     corpus.write_text("\n\n".join(docs) + "\n")
     base = ["extract", "--corpus", corpus, *EXTRACT]
     procs = [mlsm(*base, "--out", root / "e1", wait=False)]
-    procs += [mlsm(*base, "--out", root / "e2", "--shard-index", i, "--num-shards", 2, wait=False) for i in (0, 1)]
+    procs += [mlsm(*base, "--out", root / "e2", "--worker-index", i, "--num-workers", 2, wait=False) for i in (0, 1)]
     for p in procs:
         finish(p)
     ref = mlsm("sparse-code", "--extract-dir", root / "e1", "--out", root / "c1", *CODE, wait=False)
@@ -94,15 +94,15 @@ def test_sharded_jobs_share_a_dictionary_learnt_first_and_may_delete_hidden(runs
     extract = tmp_path / "e"
     shutil.copytree(runs / "e2", extract)
     args = ["sparse-code", "--extract-dir", extract, "--out", tmp_path / "c", *CODE]
-    _, err, rc = mlsm(*args, "--shard-index", 0, "--num-shards", 2)
+    _, err, rc = mlsm(*args, "--worker-index", 0, "--num-workers", 2)
     assert rc == 2 and "--dictionary-only" in err and "Traceback" not in err
     _, err, rc = mlsm(*args, "--dictionary-only")
     assert rc == 0 and (tmp_path / "c" / "dictionary.h5").exists() and not (tmp_path / "c" / "codes.h5").exists()
-    _, err, rc = mlsm(*args, "--shard-index", 1, "--num-shards", 2, "--delete-hidden")
+    _, err, rc = mlsm(*args, "--worker-index", 1, "--num-workers", 2, "--delete-hidden")
     assert rc == 0 and not (tmp_path / "c" / "manifest.json").exists()
     n_shards = len(json.loads((extract / "manifest.json").read_text())["shards"])
     assert len(list(extract.glob("shard-*.parquet"))) == n_shards - n_shards // 2  # worker 1's shards are gone
-    _, err, rc = mlsm(*args, "--shard-index", 0, "--num-shards", 2, "--delete-hidden")
+    _, err, rc = mlsm(*args, "--worker-index", 0, "--num-workers", 2, "--delete-hidden")
     assert rc == 0, err
     assert not list(extract.glob("shard-*.parquet"))
     assert_same_codes(runs / "c1" / "codes.h5", tmp_path / "c" / "codes.h5")
@@ -113,8 +113,8 @@ def test_sharded_jobs_share_a_dictionary_learnt_first_and_may_delete_hidden(runs
 
 
 def test_bad_worker_flags_are_clear_errors(runs):
-    for flags in (["--shard-index", 2, "--num-shards", 2], ["--shard-index", 0], ["--num-shards", 2, "--force"]):
+    for flags in (["--worker-index", 2, "--num-workers", 2], ["--worker-index", 0], ["--num-workers", 2, "--force"]):
         if "--force" in flags:
-            flags = ["--shard-index", 0, *flags]
+            flags = ["--worker-index", 0, *flags]
         _, err, rc = mlsm("extract", "--corpus", runs / "corpus.txt", "--out", runs / "bad", *EXTRACT, *flags)
         assert rc == 2 and err.strip().splitlines()[-1].startswith("error:"), err

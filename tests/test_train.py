@@ -14,7 +14,8 @@ from tests.test_data import make_dataset, make_tokenizer_dir
 from mlsm.core import hf
 from mlsm.trainer import train
 from mlsm.core.bert import BertConfig, Student
-from mlsm.trainer.train import PretrainConfig, run_pretrain
+from mlsm.core.config import PretrainConfig
+from mlsm.trainer.train import run_pretrain
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
 NO_DROPOUT = dict(SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -42,7 +43,8 @@ def tokens_h5(tmp_path_factory) -> Path:
 
 def _cfg(data: Path, out: Path, **kw) -> PretrainConfig:
     args = dict(data=data, out_dir=out, steps=10, batch_size=8, lr=1e-2, warmup=0.1, model_overrides=SMALL,
-                max_len=16, log_every=1, device="cpu", progress=False)
+                max_len=16, log_every=1, device="cpu", progress=False,
+                milestones=False)  # checkpoints only where a test asks for them
     args.update(kw)
     return PretrainConfig(**args)
 

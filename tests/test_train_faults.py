@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from mlsm.core.errors import MLSMError
 from mlsm.core import hf, manifest
 from mlsm.trainer import train
-from mlsm.trainer.train import PretrainConfig, run_pretrain
+from mlsm.core.config import PretrainConfig
+from mlsm.trainer.train import run_pretrain
 
 from tests.test_train import TIMING, _metrics, codes_h5, one_thread  # noqa: F401  (fixtures shared with test_train)
 from tests.test_train import _cfg as _train_cfg

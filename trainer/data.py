@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mlsm.core.background import Prefetch
+from mlsm.core.config import MASK_POLICIES
 from mlsm.core.errors import MLSMError
+from mlsm.core.ranks import Rank
 from mlsm.pipeline.codes import CodeSlices, TokenData
 
 log = logging.getLogger(__name__)
-
-MASK_POLICIES = ("mask", "bert")
-
 
 # --------------------------------------------------------------------------- CSR helpers
 
@@ -41,7 +41,7 @@ def csr_take(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, rows: 
     return new_indptr, indices[src], values[src]
 
 
-def normalise_rows(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray):
+def codes_to_distributions(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray):
     """Rows → distributions t = a / sum(a); zero entries dropped, so all-zero rows end up empty."""
     M = len(indptr) - 1
     row = np.repeat(np.arange(M), np.diff(indptr))
@@ -91,7 +91,7 @@ class Batch:
         if (g < 0).any():
             raise ValueError("masked_index points at padding")
         ip, ix, val = csr_take(self.codes.indptr, self.codes.indices, self.codes.values, self.codes.rows_of(g))
-        ip, ix, val = normalise_rows(ip, ix, val)
+        ip, ix, val = codes_to_distributions(ip, ix, val)
         return (
             torch.from_numpy(ip),
             torch.from_numpy(ix.astype(np.int64)),
@@ -127,17 +127,27 @@ def get_batch(data: TokenData, seq_ids, codes: CodeSlices | None = None, with_co
 # --------------------------------------------------------------------------- masking
 
 
-def mask_tokens(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    special_mask: torch.Tensor,
-    mask_prob: float = 0.15,
-    policy: str = "mask",
-    mask_id: int | None = None,
-    vocab_size: int | None = None,
-    generator: torch.Generator | None = None,
-    special_ids: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Masking:
+    """How tokens are masked: the share selected, the policy, and the tokenizer's ids it needs.
+
+    special_ids are never drawn as random replacements (policy "bert"); the caller says which
+    positions are never selected (special_mask of mask_tokens).
+    """
+
+    mask_prob: float = 0.15
+    policy: str = "mask"
+    mask_id: int = -1
+    vocab_size: int | None = None
+    special_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, special: dict, vocab_size: int, mask_prob: float, policy: str) -> "Masking":
+        return cls(mask_prob, policy, special["mask"], vocab_size, tuple(special[k] for k in ("cls", "sep", "pad", "mask")))
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_mask: torch.Tensor, masking: Masking,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Select ~mask_prob of each sequence's non-special tokens; returns (masked ids, sorted flat index).
 
     The count per sequence is mask_prob * n rounded stochastically (unbiased even for short
@@ -145,11 +155,13 @@ def mask_tokens(
     selected token by [MASK] (the reference); "bert" does 80% [MASK], 10% random, 10% unchanged,
     the random tokens never being special ones.
     """
+    mask_prob, policy, mask_id = masking.mask_prob, masking.policy, masking.mask_id
+    vocab_size, special_ids = masking.vocab_size, masking.special_ids
     if policy not in MASK_POLICIES:
         raise MLSMError(f"unknown mask policy {policy!r}; choose one of {', '.join(MASK_POLICIES)}.")
-    if mask_id is None:
+    if mask_id < 0:
         raise ValueError("mask_tokens needs the tokenizer's mask_id")
-    B, T = input_ids.shape
+    B, T = input_ids.shape  # B sequences of T positions (padded)
     cand = attention_mask.bool() & ~special_mask.bool()
     n = cand.sum(1)
     u = torch.rand(B, generator=generator, dtype=torch.float64)
@@ -195,24 +207,9 @@ class BatchIterator:
     pad less) for gradient accumulation.
     """
 
-    def __init__(
-        self,
-        data: TokenData,
-        batch_size: int,
-        *,
-        seed: int,
-        mask_id: int,
-        vocab_size: int,
-        special_ids: list[int],
-        mask_prob: float = 0.15,
-        mask_policy: str = "mask",
-        micro_batches: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
-        block_size: int = 64,
-        shuffle_window: int = 4096,
-        with_targets: bool = True,
-    ):
+    def __init__(self, data: TokenData, batch_size: int, *, seed: int, masking: Masking, micro_batches: int = 1,
+                 rank: Rank = Rank(), with_targets: bool = True, block_size: int = 64, shuffle_window: int = 4096):
+        world_size = rank.count
         if batch_size % (micro_batches * world_size):
             raise MLSMError(
                 f"batch size {batch_size} is not divisible by grad_accum x world size = {micro_batches * world_size}; "
@@ -223,16 +220,15 @@ class BatchIterator:
                 f"{data.path} holds {data.num_sequences} sequences, fewer than one batch of {batch_size}; "
                 "lower --batch-size or use more data."
             )
-        if mask_policy not in MASK_POLICIES:
-            raise MLSMError(f"unknown mask policy {mask_policy!r}; choose one of {', '.join(MASK_POLICIES)}.")
+        if masking.policy not in MASK_POLICIES:
+            raise MLSMError(f"unknown mask policy {masking.policy!r}; choose one of {', '.join(MASK_POLICIES)}.")
         if with_targets and not data.has_codes:
             raise MLSMError(f"{data.path} has no /codes; run `mlsm sparse-code` to build MLSM targets.")
         self.data = data
         self.batch_size = batch_size
         self.seed = seed
-        self.mask_id, self.vocab_size, self.special_ids = mask_id, vocab_size, list(special_ids)
-        self.mask_prob, self.mask_policy = mask_prob, mask_policy
-        self.micro_batches, self.rank, self.world_size = micro_batches, rank, world_size
+        self.masking = masking
+        self.micro_batches, self.rank, self.world_size = micro_batches, rank.index, world_size
         self.with_targets = with_targets
         S = data.num_sequences
         self.block_starts = np.arange(0, S, block_size, dtype=np.int64)
@@ -243,7 +239,7 @@ class BatchIterator:
         self.batch = 0
         self._order: tuple[int, np.ndarray] | None = None
         self._cache: tuple[tuple[int, int], CodeSlices] | None = None
-        self._special = torch.tensor(sorted(set(self.special_ids)), dtype=torch.long)
+        self._special = torch.tensor(sorted(set(masking.special_ids)), dtype=torch.long)
 
     # -- position
 
@@ -316,8 +312,7 @@ class BatchIterator:
         b = get_batch(self.data, glob, codes=self._codes_for(epoch, batch), with_codes=self.with_targets, read=False)
         gen = torch.Generator().manual_seed(_seed_of(self.seed, epoch, batch, 2))
         ids, masked_index = mask_tokens(
-            b.input_ids, b.attention_mask, torch.isin(b.input_ids, self._special), self.mask_prob,
-            self.mask_policy, self.mask_id, self.vocab_size, gen, self.special_ids,
+            b.input_ids, b.attention_mask, torch.isin(b.input_ids, self._special), self.masking, gen,
         )
         selected = torch.zeros(b.input_ids.numel(), dtype=torch.bool)
         selected[masked_index] = True
@@ -356,58 +351,34 @@ class BatchIterator:
 
 
 class Prefetcher:
-    """Prepares the next step's batches on a thread while the device works on the current one.
+    """Prepares the next steps' batches on a thread while the device works on the current one.
 
     Order and content are exactly those of the wrapped iterator; `state_dict()` is the position
     after the last batch handed out, not after the one being prepared.
     """
 
     def __init__(self, it: BatchIterator, depth: int = 2, pin_memory: bool = False):
-        import queue
-        import threading
-
-        self._it = it
-        self._pin = pin_memory
         self._state = it.state_dict()
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="mlsm-prefetch", daemon=True)
-        self._thread.start()
 
-    def _work(self) -> None:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                micro = next(self._it)
-                if self._pin:  # page-locked host memory lets the copies to the GPU run asynchronously
+        def produce():
+            while True:
+                micro = next(it)
+                if pin_memory:  # page-locked host memory lets the copies to the GPU run asynchronously
                     micro = [{k: v.pin_memory() if torch.is_tensor(v) and k != "target_indptr" else v
                               for k, v in m.items()} for m in micro]
-                item = (micro, self._it.state_dict(), None)
-            except BaseException as e:  # handed to the consumer, raised there
-                item = (None, None, e)
-            while not self._stop.is_set():
-                try:
-                    self._q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[2] is not None:
-                return
+                yield micro, it.state_dict()
+
+        self._ahead = Prefetch(produce(), depth, name="mlsm-prefetch")
 
     def __iter__(self) -> "Prefetcher":
         return self
 
     def __next__(self) -> list[dict]:
-        batch, state, err = self._q.get()
-        if err is not None:
-            raise err
-        self._state = state
-        return batch
+        micro, self._state = next(self._ahead)
+        return micro
 
     def state_dict(self) -> dict:
         return dict(self._state)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._ahead.close()

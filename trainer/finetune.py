@@ -28,11 +28,12 @@ from torch import nn
 from tqdm import tqdm
 
 from mlsm import __version__
+from mlsm.core.config import FinetuneConfig
 from mlsm.core.device import pick_device
 from mlsm.core.errors import MLSMError
 from mlsm.core.manifest import write_json_atomic
 from mlsm.core import hf
-from mlsm.trainer.metrics import mean_std, scores
+from mlsm.trainer.scores import mean_std, scores
 from mlsm.trainer.train import param_groups, lr_at
 
 log = logging.getLogger(__name__)
@@ -46,27 +47,6 @@ TEXT_COLUMNS = [("sentence1", "sentence2"), ("question1", "question2"), ("premis
                 ("question", "sentence"), ("text_a", "text_b"), ("sentence", None), ("text", None),
                 ("content", None), ("review", None)]
 LABEL_COLUMNS = ("label", "gold_label", "labels", "class", "category")
-
-
-@dataclass
-class FinetuneConfig:
-    model: str  # run dir, step dir, exported HF dir or 'minilm'
-    task: Path  # folder with train/dev/test files
-    out_dir: Path | None = None
-    seeds: int = 3
-    seed: int = 0  # seeds used: seed, seed+1, ...
-    epochs: float = 3.0
-    lr: float = 2e-5
-    batch: int = 32
-    weight_decay: float = 0.01
-    warmup: float = 0.1  # fraction of steps
-    max_len: int = 128
-    max_train: int | None = None  # seeded subsample of the training set (quick runs)
-    max_eval: int | None = None  # seeded subsample of dev and of test
-    text_cols: tuple[str, ...] | None = None
-    label_col: str | None = None
-    device: str = "auto"
-    progress: bool = True
 
 
 @dataclass
@@ -353,20 +333,6 @@ def run_seed(cfg: FinetuneConfig, task: Task, encoded: dict[str, list[Example]],
 # --------------------------------------------------------------------------- the protocol
 
 
-def _validate(cfg: FinetuneConfig) -> None:
-    problems = []
-    if cfg.seeds < 1:
-        problems.append(f"seeds must be >= 1 (got {cfg.seeds})")
-    if cfg.epochs <= 0:
-        problems.append(f"epochs must be > 0 (got {cfg.epochs})")
-    if cfg.lr <= 0 or cfg.batch < 1:
-        problems.append(f"lr must be > 0 and batch >= 1 (got {cfg.lr}, {cfg.batch})")
-    if cfg.max_len < 8:
-        problems.append(f"max_len must be >= 8 (got {cfg.max_len})")
-    if problems:
-        raise MLSMError("invalid finetune settings: " + "; ".join(problems) + ".")
-
-
 def summarize(per_seed: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     """{split: {metric: {mean, std}}} over seeds (std with ddof=1)."""
     out: dict = {}
@@ -400,7 +366,7 @@ def markdown_table(results: list[dict]) -> str:
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """All seeds on one task; writes results.json and results.md into out_dir (if given)."""
-    _validate(cfg)
+    cfg.validate()
     device = pick_device(cfg.device)
     model_dir = hf.resolve_model_dir(cfg.model)
     if model_dir.name.startswith("step-"):

@@ -17,11 +17,9 @@ from typing import Any, Iterator
 
 from mlsm import __version__
 from mlsm.core.errors import MLSMError
+from mlsm.core.layout import CODES, DICTIONARY, MANIFEST, PROGRESS, TOKENS
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
@@ -154,9 +152,8 @@ def new_manifest(stage: str, params: dict, inputs: dict) -> dict:
     }
 
 
-PROGRESS = "progress.json"
 # Files a finished stage must still have: "done" is not believed when one of them was deleted.
-_FINAL_FILES = {"sparse-code": ("codes.h5", "dictionary.h5"), "tokenize": ("tokens.h5",)}
+_FINAL_FILES = {"sparse-code": (CODES, DICTIONARY), "tokenize": (TOKENS,)}
 
 
 # What a changed input fingerprint means, in the user's terms.
