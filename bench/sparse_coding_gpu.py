@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlsm.pipeline.solvers import duality_gap, fista_fixed, lipschitz, nn_lasso  # noqa: E402
+from mlsm.pipeline.solvers import LassoOptions, duality_gap, fista_fixed, lipschitz, nn_lasso
 
 
 def synthetic(d: int, K: int, n: int, nnz: int, seed: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,10 +56,10 @@ def main(argv=None):
     else:
         X, D = synthetic(args.d, args.K, args.n, args.nnz, args.seed, dev)
     gram = D.T @ D
-    nn_lasso(X[:4096], D, args.lam, tol=args.tol, gram=gram, chunk_size=args.chunk)  # warm-up
+    nn_lasso(X[:4096], D, args.lam, tol=args.tol, gram=gram, options=LassoOptions(chunk_size=args.chunk))  # warm-up
     sync()
     t = time.perf_counter()
-    res = nn_lasso(X, D, args.lam, tol=args.tol, gram=gram, chunk_size=args.chunk)
+    res = nn_lasso(X, D, args.lam, tol=args.tol, gram=gram, options=LassoOptions(chunk_size=args.chunk))
     sync()
     ours_s = time.perf_counter() - t
 

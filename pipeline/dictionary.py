@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mlsm.pipeline.solvers import nn_lasso
+from mlsm.pipeline.solvers import LassoOptions, nn_lasso
 
 log = logging.getLogger(__name__)
 
@@ -129,30 +129,50 @@ def _reseed_dead(D: torch.Tensor, A: torch.Tensor, B: torch.Tensor, usage: torch
     return len(dead)
 
 
-def learn_dictionary(
-    X: np.ndarray | torch.Tensor,
-    K: int = 3000,
-    lam: float = 0.05,
-    batch_size: int = 2048,
-    n_iter: int | None = None,
-    epochs: float = 1.0,
-    seed: int = 0,
-    device: str = "cpu",
-    heldout: np.ndarray | None = None,
-    progress: bool = True,
-    *,
-    code_tol: float = 1e-2,
-    code_rounds: int = 2,
-    init_samples: int = 50_000,
-    init_niter: int = 10,
-    reseed_every: int = 50,
-    block: int = 256,
-    trace_points: int = 10,
-) -> DictResult:
-    """Learn D (d, K) on the rows of X (L2-normalised float32); deterministic for a seed.
+@dataclass(frozen=True)
+class DictOptions:
+    """How the dictionary is learnt; the defaults are the stage's.
 
-    n_iter defaults to ceil(epochs * n / batch_size) minibatches over a seeded permutation.
+    n_iter defaults to ceil(epochs * n / batch_size) minibatches over a seeded permutation. Each
+    minibatch is coded loosely (code_tol, code_rounds working-set rounds, no fallback): the update
+    needs the support and rough values, not a certificate. init_samples vectors seed the spherical
+    k-means init (init_niter passes); atoms unused for reseed_every minibatches restart at data;
+    block atoms are updated per triangular solve; trace_points samples of the training objective.
     """
+
+    batch_size: int = 2048
+    n_iter: int | None = None
+    epochs: float = 1.0
+    seed: int = 0
+    code_tol: float = 1e-2
+    code_rounds: int = 2
+    init_samples: int = 50_000
+    init_niter: int = 10
+    reseed_every: int = 50
+    block: int = 256
+    trace_points: int = 10
+
+
+def _accumulate(A: torch.Tensor, Bs: torch.Tensor, a: torch.Tensor, xb: torch.Tensor, scale: float) -> None:
+    """A += scale a^T a (K, K) and Bs += scale x^T a (d, K), in place."""
+    if a.device.type != "cpu":
+        A.addmm_(a.T, a, alpha=scale)
+        Bs.addmm_(xb.T, a, alpha=scale)
+        return
+    # the codes are ~1-2% dense: sparse products save most of the K x K work
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": only the stable mm is used
+        warnings.simplefilter("ignore", UserWarning)
+        aT = a.T.contiguous().to_sparse_csr()
+    A.add_(torch.sparse.mm(aT, a), alpha=scale)
+    Bs.add_(torch.sparse.mm(aT, xb).T, alpha=scale)
+
+
+def learn_dictionary(X: np.ndarray | torch.Tensor, K: int = 3000, lam: float = 0.05,
+                     options: DictOptions = DictOptions(), *, device: str = "cpu",
+                     heldout: np.ndarray | None = None, progress: bool = True) -> DictResult:
+    """Learn D (d, K) on the rows of X (L2-normalised float32); deterministic for a seed."""
+    o = options
+    batch_size, n_iter, seed, code_tol, code_rounds = o.batch_size, o.n_iter, o.seed, o.code_tol, o.code_rounds
     t0 = time.perf_counter()
     dev = torch.device(device)
     Xt = torch.as_tensor(np.asarray(X, dtype=np.float32) if not torch.is_tensor(X) else X).float()
@@ -163,15 +183,15 @@ def learn_dictionary(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
 
-    init_idx = np.sort(rng.choice(n, size=min(n, init_samples), replace=False))
-    D0 = spherical_kmeans_init(Xt[torch.as_tensor(init_idx, device=dev)].cpu().numpy(), K, seed, init_niter)
+    init_idx = np.sort(rng.choice(n, size=min(n, o.init_samples), replace=False))
+    D0 = spherical_kmeans_init(Xt[torch.as_tensor(init_idx, device=dev)].cpu().numpy(), K, seed, o.init_niter)
     D = torch.from_numpy(D0).to(dev).clone()  # D0 is kept for the held-out comparison
     t_init = time.perf_counter() - t0
     log.info("dictionary: k-means init of %d atoms on %d vectors in %.1fs", K, len(init_idx), t_init)
 
     eta = batch_size
     if n_iter is None:
-        n_iter = max(1, math.ceil(epochs * n / eta))
+        n_iter = max(1, math.ceil(o.epochs * n / eta))
     A = torch.zeros(K, K, device=dev)
     Bs = torch.zeros(d, K, device=dev)
     w = 1.0  # 1/W_t: weight of the current minibatch in the stored (unnormalised) statistics
@@ -180,7 +200,7 @@ def learn_dictionary(
     trace: list[float] = []
     trace_iters: list[int] = []
     window, window_n = 0.0, 0
-    trace_at = set(np.unique(np.linspace(0, n_iter - 1, trace_points).round().astype(int)).tolist())
+    trace_at = set(np.unique(np.linspace(0, n_iter - 1, o.trace_points).round().astype(int)).tolist())
     perm = rng.permutation(n)
     pos = 0
     bar = tqdm(range(n_iter), desc="dictionary", unit="batch", disable=not progress)
@@ -191,7 +211,7 @@ def learn_dictionary(
         idx = torch.as_tensor(perm[pos:pos + eta], device=dev)
         pos += eta
         xb = Xt[idx]
-        res = nn_lasso(xb, D, lam, tol=code_tol, max_iter=code_rounds, fallback_steps=0)
+        res = nn_lasso(xb, D, lam, tol=code_tol, options=LassoOptions(max_iter=code_rounds, fallback_steps=0))
         a = res.codes
         window += float(res.primal.double().sum())
         window_n += len(xb)
@@ -209,21 +229,12 @@ def learn_dictionary(
         if w > 1e12:  # keep the stored statistics in float32 range
             A.mul_(1.0 / w), Bs.mul_(1.0 / w)
             w = 1.0
-        scale = w / len(xb)
-        if a.device.type != "cpu":
-            A.addmm_(a.T, a, alpha=scale)
-            Bs.addmm_(xb.T, a, alpha=scale)
-        else:  # the codes are ~1-2% dense: sparse products save most of the K x K work
-            with warnings.catch_warnings():  # "sparse CSR support is in beta": only the stable mm is used
-                warnings.simplefilter("ignore", UserWarning)
-                aT = a.T.contiguous().to_sparse_csr()
-            A.add_(torch.sparse.mm(aT, a), alpha=scale)
-            Bs.add_(torch.sparse.mm(aT, xb).T, alpha=scale)
+        _accumulate(A, Bs, a, xb, w / len(xb))
         usage += (a > 0).sum(0)
 
-        _bcd_pass(D, A, Bs, block)
+        _bcd_pass(D, A, Bs, o.block)
 
-        if (t + 1) % reseed_every == 0 and t + 1 < n_iter:
+        if (t + 1) % o.reseed_every == 0 and t + 1 < n_iter:
             reseeded += _reseed_dead(D, A, Bs, usage, Xt, rng)
             usage.zero_()
     bar.close()

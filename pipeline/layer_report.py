@@ -26,7 +26,7 @@ from mlsm.core.config import LayerReportConfig
 from mlsm.core.device import pick_device
 from mlsm.core.errors import MLSMError
 from mlsm.core.manifest import read_manifest, write_json_atomic
-from mlsm.pipeline.dictionary import learn_dictionary
+from mlsm.pipeline.dictionary import DictOptions, learn_dictionary
 from mlsm.pipeline.solvers import nn_lasso
 from mlsm.pipeline.sparse_code import l2_normalize_states, read_sample, sample_rows
 
@@ -102,8 +102,7 @@ def layer_report(cfg: LayerReportConfig) -> dict:
     for layer in layers:
         X = l2_normalize_states(read_sample(extract_dir, shards, rows, layer), device)
         Xtr, Xho = X[torch.as_tensor(train_idx)], X[torch.as_tensor(held_idx)]
-        res = learn_dictionary(Xtr, K=K, lam=lam, seed=seed, device=device, progress=progress,
-                               init_samples=min(len(Xtr), 50_000))
+        res = learn_dictionary(Xtr, K=K, lam=lam, device=device, progress=progress, options=DictOptions(seed=seed, init_samples=min(len(Xtr), 50_000)))
         codes = nn_lasso(Xho, res.D.to(Xho.device), lam, tol=1e-3)
         obj = float(codes.primal.double().mean())
         nnz = (codes.codes > 0).sum(1).double()

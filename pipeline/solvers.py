@@ -29,11 +29,13 @@ Correlation screening is poor on real hidden states (anisotropic: most atoms cor
 common direction), so several rounds are normal; each is cheap.
 
 Precision: the data are float32, and so is the bpp certificate: exact up to float32 rounding,
-about 1e-6 relative; ask for tol >= 1e-5 (cert_dtype=torch.float64 recomputes the certificate in
+about 1e-6 relative; ask for tol >= 1e-5 (LassoOptions(cert_dtype=torch.float64) recomputes the certificate in
 float64). The active-set engine certifies in float64 on the float64 residual of its float32 codes.
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import math
 import warnings
@@ -55,6 +57,37 @@ class LassoResult:
     primal: torch.Tensor  # (B,) objective value at codes
     rel_gap: torch.Tensor  # (B,) certified (primal - dual) / max(primal, tiny), full dictionary
     n_iter: int  # outer iterations used (max over chunks)
+
+
+@dataclass(frozen=True)
+class LassoOptions:
+    """How nn_lasso solves (never what: X, D, lam and tol say that); the defaults are measured best.
+
+    max_iter: working-set rounds before the FISTA fallback. engine: "active-set" (CPU: per-row
+    compiled active sets, bf16 pricing with an exact certificate; see pipeline/active_set.py), "bpp"
+    (batched torch ops: the engine for GPUs, and any device), or "auto" (active-set on CPU for
+    d <= ACTIVE_SET_MAX_D, bpp otherwise). ws_size: atoms screened by correlation for the first
+    round; ws_grow: atoms added per round (None: per engine, 32/48 active-set, 16/16 bpp; each
+    measured best on real states). bpp_iter: pivoting steps per bpp round. fallback_steps: FISTA
+    step budget for rows still open after max_iter rounds (0: none; their rel_gap then says how far
+    they are). cert_dtype: dtype of the certificate (default float32; torch.float64 removes float32
+    rounding from it). workers: CPU only; chunks are solved by this many threads, each running torch
+    single-threaded (default: torch.get_num_threads()): the per-round work is many small per-row
+    steps that intra-op threading splits badly, so whole chunks per core scale better. chunk_size:
+    rows per unit of work; 1024 halves the per-round Python/dispatch overhead of 512 and still gives
+    a 2048-row batch (dictionary learning) one chunk per core.
+    """
+
+    max_iter: int = 20
+    engine: str = "auto"
+    ws_size: int | None = None
+    ws_grow: int | None = None
+    bpp_iter: int = 60
+    fallback_steps: int = 5000
+    chunk_size: int = 1024
+    cert_dtype: torch.dtype | None = None
+    workers: int | None = None
+    progress: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +234,7 @@ def _solve_free(Q: torch.Tensor, b: torch.Tensor, F: torch.Tensor, rows: torch.T
         xf = torch.cholesky_solve((bb.gather(1, P) * valid).unsqueeze(2), Lc) * valid.unsqueeze(2)
         return rb, torch.zeros_like(bb).scatter_(1, P, xf.squeeze(2)), torch.bmm(Qc, xf).squeeze(2) - bb
 
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         res = bucket(lo, hi)
         if res is not None:
             rb, xb, yb = res
@@ -226,7 +259,7 @@ def _bpp(Q: torch.Tensor, b: torch.Tensor, F: torch.Tensor, max_iter: int, n_buc
     idx_m = torch.arange(m, device=dev)
     eps = 1e-6 * b.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
         x, y = _solve_free(Q, b, F, rows, n_buckets)
         Fr, e = F[rows], eps[rows]
         V = (Fr & (x < -e)) | (~Fr & (y < -e))
@@ -283,18 +316,19 @@ def _certify(X, D, Dt, ws, a, lam, dtype):
     return primal.float(), gap.float(), c.float()
 
 
-def _bpp_rounds(X, D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter, cert_dtype, stats):
+def _bpp_rounds(X, D, Dt, gram, lam, tol, opt: LassoOptions):
     """Working-set rounds with batched torch ops (the engine for GPUs). Returns dense codes, primal,
     rel gap, rounds used and the rows still above tol."""
     B, K = X.shape[0], D.shape[1]
     dev = X.device
-    C0 = X @ D
-    m = min(ws_size, K)
-    ws = torch.topk(C0, m, dim=1, sorted=False).indices
-    gram_flat = gram.reshape(-1)
-    Q = _gram_block(gram_flat, K, ws, ws)
-    b = C0.gather(1, ws) - lam
-    F = b > 0
+    C0 = X @ D  # (B, K) correlations
+    max_iter, ws_grow, cert_dtype = opt.max_iter, opt.ws_grow, opt.cert_dtype
+    m = min(opt.ws_size, K)
+    ws = torch.topk(C0, m, dim=1, sorted=False).indices  # (B, m) each row's working set
+    gram_flat = gram.reshape(-1)  # (K*K,)
+    Q = _gram_block(gram_flat, K, ws, ws)  # (B, m, m)
+    b = C0.gather(1, ws) - lam  # (B, m)
+    F = b > 0  # (B, m) free (positive) variables
 
     primal = torch.zeros(B, dtype=torch.float32, device=dev)
     rel = torch.full((B,), math.inf, dtype=torch.float32, device=dev)
@@ -303,8 +337,8 @@ def _bpp_rounds(X, D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter, 
     n_iter = 0
     for it in range(max_iter):
         n_iter = it + 1
-        a, n_bpp = _bpp(Q, b, F, bpp_iter)
-        stats["bpp_iters"] = stats.get("bpp_iters", 0) + n_bpp
+        a, n_bpp = _bpp(Q, b, F, opt.bpp_iter)
+        _STATS["bpp_iters"] = _STATS.get("bpp_iters", 0) + n_bpp
         p, g, c = _certify(X[rows], D, Dt, ws, a, lam, cert_dtype)
         rr = g / p.clamp(min=_TINY)
         primal[rows], rel[rows] = p, rr
@@ -322,18 +356,18 @@ def _bpp_rounds(X, D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter, 
         # Next working set: the current support (its Gram block is reused) plus the atoms most
         # correlated with the residual among the rest (the violators come first). Only `keep` is
         # excluded, so the working set never holds an atom twice.
-        support = a > 0
+        support = a > 0  # (n_open, m)
         s = int(support.sum(1).max())
-        order = torch.sort(support.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :s]
-        keep = ws.gather(1, order)
+        order = torch.sort(support.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :s]  # (n_open, s)
+        keep = ws.gather(1, order)  # (n_open, s) atom ids, support first
         Q_ss = Q.gather(1, order[:, :, None].expand(n_open, s, Q.shape[2])).gather(2, order[:, None, :].expand(n_open, s, s))
         n_new = min(ws_grow, K - s)
         top = torch.topk(c.scatter_(1, keep, -math.inf), n_new, dim=1, sorted=False)
-        new = top.indices
-        Q_sn = _gram_block(gram_flat, K, keep, new)
-        Q_nn = _gram_block(gram_flat, K, new, new)
-        Q = torch.cat([torch.cat([Q_ss, Q_sn], 2), torch.cat([Q_sn.transpose(1, 2), Q_nn], 2)], 1)
-        ws = torch.cat([keep, new], 1)
+        new = top.indices  # (n_open, n_new)
+        Q_sn = _gram_block(gram_flat, K, keep, new)  # (n_open, s, n_new)
+        Q_nn = _gram_block(gram_flat, K, new, new)  # (n_open, n_new, n_new)
+        Q = torch.cat([torch.cat([Q_ss, Q_sn], 2), torch.cat([Q_sn.transpose(1, 2), Q_nn], 2)], 1)  # (n_open, m', m')
+        ws = torch.cat([keep, new], 1)  # (n_open, m'), m' = s + n_new
         b = torch.cat([b.gather(1, order), C0[rows[:, None], new] - lam], 1)
         F = torch.cat([support.gather(1, order), top.values > lam], 1)
     codes = torch.zeros(B, K, dtype=torch.float32, device=dev)
@@ -342,7 +376,7 @@ def _bpp_rounds(X, D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter, 
     return codes, primal, rel, n_iter, rows
 
 
-def _finish(X, D, lam, tol, codes, primal, rel, rows, fallback_steps, L, cert_dtype, rounds_certified, stats):
+def _finish(X, D, lam, tol, rounds: tuple, L, opt: LassoOptions, rounds_certified: bool):
     """Float64 FISTA from the working-set codes for the rows still open (rare), then the optional float64
     certificate: for the fallback rows only if the rounds already certified in cert_dtype (bpp), else for every row.
 
@@ -351,13 +385,15 @@ def _finish(X, D, lam, tol, codes, primal, rel, rows, fallback_steps, L, cert_dt
     result is certified in float64, so the gap reported is that of the codes returned.
     """
     B = X.shape[0]
+    codes, primal, rel, rows = rounds
+    fallback_steps, cert_dtype = opt.fallback_steps, opt.cert_dtype
     if len(rows) and fallback_steps > 0:
         log.debug("nn_lasso: %d rows above tol after the working-set rounds; FISTA fallback", len(rows))
         X64, D64 = X[rows].double(), D.double()
         a, _, _, _ = _fista_to_tol(X64, D64, lam, codes[rows].double(), tol, fallback_steps, L())
         a = a.float()
         p, g = duality_gap(X64, D64, a.double(), lam)
-        stats["fallback_rows"] = stats.get("fallback_rows", 0) + len(rows)
+        _STATS["fallback_rows"] = _STATS.get("fallback_rows", 0) + len(rows)
         codes[rows], primal[rows], rel[rows] = a, p.float(), (g / p.clamp(min=_TINY)).float()
     if cert_dtype is not None and cert_dtype != torch.float32:
         redo = rows if rounds_certified else torch.arange(B, device=X.device)
@@ -375,45 +411,18 @@ def auto_engine(device_type: str, d: int) -> str:
     return "active-set" if device_type == "cpu" and d <= ACTIVE_SET_MAX_D else "bpp"
 
 
-def nn_lasso(
-    X: torch.Tensor,
-    D: torch.Tensor,
-    lam: float,
-    tol: float = 1e-4,
-    max_iter: int = 20,
-    gram: torch.Tensor | None = None,
-    *,
-    engine: str = "auto",
-    ws_size: int | None = None,
-    ws_grow: int | None = None,
-    bpp_iter: int = 60,
-    fallback_steps: int = 5000,
-    chunk_size: int = 1024,
-    cert_dtype: torch.dtype | None = None,
-    progress: bool = False,
-    workers: int | None = None,
-) -> LassoResult:
+def nn_lasso(X: torch.Tensor, D: torch.Tensor, lam: float, tol: float = 1e-4, *, gram: torch.Tensor | None = None,
+             options: LassoOptions = LassoOptions()) -> LassoResult:
     """Solve the non-negative lasso for every row of X to a certified relative duality gap `tol`.
 
-    max_iter: working-set rounds before the FISTA fallback. gram: D^T D, to reuse across calls.
-    engine: "active-set" (CPU: per-row compiled active sets, bf16 pricing with an exact certificate;
-    see pipeline/active_set.py), "bpp" (batched torch ops: the engine for GPUs, and any device), or
-    "auto" (active-set on CPU for d <= ACTIVE_SET_MAX_D, bpp otherwise).
-    ws_size: atoms screened by correlation for the first round; ws_grow: atoms added per round
-    (defaults per engine: 32/48 active-set, 16/16 bpp; each measured best on real states).
-    fallback_steps: FISTA step budget for rows still open after max_iter rounds (0: none; their
-    rel_gap then says how far they are). cert_dtype: dtype of the certificate (default float32;
-    torch.float64 removes float32 rounding from it). Runs on the device of D.
-    workers: CPU only; chunks are solved by this many threads, each running torch single-threaded
-    (default: torch.get_num_threads()). The per-round work is many small per-row steps that
-    intra-op threading splits badly, so whole chunks per core scale better.
-    Chunks of `chunk_size` rows are the unit of work: 1024 halves the per-round Python/dispatch
-    overhead of 512 and still gives a 2048-row batch (dictionary learning) one chunk per core.
+    gram: D^T D, to reuse across calls; options: how (LassoOptions). Runs on the device of D.
+    Chunks never depend on the number of workers or threads, so neither changes a bit of the result.
     """
     if lam < 0 or not tol > 0:
         raise ValueError(f"nn_lasso: need lam >= 0 and tol > 0, got lam={lam}, tol={tol}")
     if X.ndim != 2 or D.ndim != 2 or X.shape[1] != D.shape[0]:
         raise ValueError(f"nn_lasso: X {tuple(X.shape)} and D {tuple(D.shape)} do not match")
+    engine = options.engine
     if engine == "auto":
         engine = auto_engine(D.device.type, D.shape[0])
     if engine not in ("active-set", "bpp"):
@@ -423,10 +432,10 @@ def nn_lasso(
     if engine == "active-set" and D.shape[0] > ACTIVE_SET_MAX_D:
         raise ValueError(f"nn_lasso: the active-set engine needs d <= {ACTIVE_SET_MAX_D}, got d={D.shape[0]}; "
                          f"use engine='bpp'")
-    if ws_size is None:
-        ws_size = 32 if engine == "active-set" else 16
-    if ws_grow is None:
-        ws_grow = 48 if engine == "active-set" else 16
+    opt = dataclasses.replace(
+        options, engine=engine,
+        ws_size=options.ws_size if options.ws_size is not None else (32 if engine == "active-set" else 16),
+        ws_grow=options.ws_grow if options.ws_grow is not None else (48 if engine == "active-set" else 16))
     D = D.float()
     X = X.to(device=D.device, dtype=torch.float32)
     if gram is None:
@@ -441,9 +450,9 @@ def nn_lasso(
             lip.append(lipschitz(D))
         return lip[0]
 
+    chunk_size, workers = opt.chunk_size, opt.workers
     if workers is None:
         workers = torch.get_num_threads() if D.device.type == "cpu" else 1
-    # Chunks never depend on `workers` or the thread count, so neither changes a single bit of the result.
     workers = max(1, min(int(workers), math.ceil(B / chunk_size)))
 
     if engine == "active-set":
@@ -452,21 +461,20 @@ def nn_lasso(
         dic = active_set.prepare(D, gram)
 
         def rounds(Xc):
-            codes, primal, rel, n_iter, rows = active_set.solve_chunk(Xc, dic, lam, tol, max_iter, ws_size, ws_grow,
-                                                                       _STATS)
+            codes, primal, rel, n_iter, rows = active_set.solve_chunk(Xc, dic, lam, tol, opt.max_iter, opt.ws_size,
+                                                                       opt.ws_grow, _STATS)
             return codes, primal, rel, n_iter, torch.from_numpy(rows)
     else:
         def rounds(Xc):
-            return _bpp_rounds(Xc, D, Dt, gram, lam, tol, max_iter, ws_size, ws_grow, bpp_iter, cert_dtype, _STATS)
+            return _bpp_rounds(Xc, D, Dt, gram, lam, tol, opt)
 
     def solve(s: int):
         Xc = X[s:s + chunk_size]
         codes, primal, rel, n_iter, rows = rounds(Xc)
-        return (*_finish(Xc, D, lam, tol, codes, primal, rel, rows, fallback_steps, L, cert_dtype,
-                         engine == "bpp", _STATS), n_iter)
+        return (*_finish(Xc, D, lam, tol, (codes, primal, rel, rows), L, opt, engine == "bpp"), n_iter)
 
     starts = range(0, B, chunk_size)
-    bar = tqdm(total=len(starts), desc="nn_lasso", disable=not progress or len(starts) < 2, unit="chunk")
+    bar = tqdm(total=len(starts), desc="nn_lasso", disable=not opt.progress or len(starts) < 2, unit="chunk")
     if workers > 1 and len(starts) > 1:
         outer = torch.get_num_threads()
         try:
@@ -492,7 +500,7 @@ def nn_lasso(
         return LassoResult(torch.zeros(0, K, device=D.device), z, z, 0)
     rel = torch.cat(out_r)
     above = torch.nonzero(rel > tol).flatten()
-    if len(above) and fallback_steps > 0:
+    if len(above) and opt.fallback_steps > 0:
         shown = ", ".join(str(int(i)) for i in above[:10]) + (", ..." if len(above) > 10 else "")
         log.warning("nn_lasso: %d of %d rows stopped above tol=%g (worst rel gap %.3g; rows %s): their rel_gap "
                     "says how far from the optimum they are", len(above), B, tol, float(rel.max()), shown)

@@ -30,7 +30,15 @@ from mlsm.core.device import pick_device
 from mlsm.core.errors import MLSMError
 from mlsm.core.hf import load_tokenizer, tokenizer_fingerprint
 from mlsm.core.layout import (
-    CODES, DICTIONARY, MANIFEST, PARTS_DIR, PROGRESS, TOKENIZER_DIR, WORKERS_DIR, dictionary_fingerprint, part_name,
+    CODES,
+    DICTIONARY,
+    MANIFEST,
+    PARTS_DIR,
+    PROGRESS,
+    TOKENIZER_DIR,
+    WORKERS_DIR,
+    dictionary_fingerprint,
+    part_name,
 )
 from mlsm.core.manifest import atomic_path, new_manifest, read_manifest, sha256_file, sha256_json, write_json_atomic
 from mlsm.core.ranks import Rank, join
@@ -98,7 +106,7 @@ def _load_dictionary(path: Path, dict_key: str):
 
 
 def _learn_dictionary(cfg: SparseCodeConfig, man: dict, device, dict_key: str):
-    from mlsm.pipeline.dictionary import learn_dictionary
+    from mlsm.pipeline.dictionary import DictOptions, learn_dictionary
 
     path = Path(cfg.out) / DICTIONARY
     found = _load_dictionary(path, dict_key)
@@ -114,8 +122,7 @@ def _learn_dictionary(cfg: SparseCodeConfig, man: dict, device, dict_key: str):
     train, held = x[n_held:], x[:n_held]
     log.info("sparse-code: learning a %d x %d dictionary on %d vectors (%d held out)", x.shape[1], cfg.K, len(train),
              len(held))
-    result = learn_dictionary(train, K=cfg.K, lam=cfg.lam, seed=cfg.seed, device=str(device),
-                              heldout=held if len(held) else None, progress=cfg.progress)
+    result = learn_dictionary(train, K=cfg.K, lam=cfg.lam, device=str(device), heldout=held if len(held) else None, progress=cfg.progress, options=DictOptions(seed=cfg.seed))
     D = result.D.detach().float().cpu().contiguous()
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -274,7 +281,7 @@ def _merge_codes(extract_dir: Path, out_dir: Path, worker: Rank) -> dict | None:
     progress_doc = json.loads((out_dir / PROGRESS).read_text())
     p = progress_doc["params"]
     parts = [out_dir / PARTS_DIR / part_name(i) for i in range(len(man["shards"]))]
-    n_missing = sum(part_rows(q) != s["tokens"] for q, s in zip(parts, man["shards"]))
+    n_missing = sum(part_rows(q) != s["tokens"] for q, s in zip(parts, man["shards"], strict=True))
     if n_missing:
         log.info("sparse-code: %d of %d parts are done; the worker that codes the last one merges them",
                  len(parts) - n_missing, len(parts))

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from mlsm.pipeline.dictionary import DictResult, _reseed_dead, learn_dictionary, objective, spherical_kmeans_init
+from mlsm.pipeline.dictionary import (
+    DictOptions,
+    DictResult,
+    _reseed_dead,
+    learn_dictionary,
+    objective,
+    spherical_kmeans_init,
+)
 
 LAM = 0.05
 
@@ -32,7 +39,7 @@ def data():
 @pytest.fixture(scope="module")
 def learned(data):
     train, held, _ = data
-    return learn_dictionary(train, K=24, lam=LAM, batch_size=128, epochs=2, seed=3, heldout=held, progress=False)
+    return learn_dictionary(train, K=24, lam=LAM, heldout=held, progress=False, options=DictOptions(batch_size=128, epochs=2, seed=3))
 
 
 def test_spherical_kmeans_init_shape_and_unit_columns(data):
@@ -77,9 +84,9 @@ def test_learned_dictionary_has_unit_atoms_and_stats(learned):
 
 def test_learning_is_deterministic(data, learned):
     train, held, _ = data
-    again = learn_dictionary(train, K=24, lam=LAM, batch_size=128, epochs=2, seed=3, progress=False)
+    again = learn_dictionary(train, K=24, lam=LAM, progress=False, options=DictOptions(batch_size=128, epochs=2, seed=3))
     assert torch.equal(learned.D, again.D)
-    other = learn_dictionary(train, K=24, lam=LAM, batch_size=128, epochs=2, seed=4, progress=False)
+    other = learn_dictionary(train, K=24, lam=LAM, progress=False, options=DictOptions(batch_size=128, epochs=2, seed=4))
     assert not torch.equal(learned.D, other.D)
 
 
@@ -123,4 +130,5 @@ def test_dead_atoms_are_reseeded_from_training_vectors():
         assert ((X @ D[:, j]).max() > 1 - 1e-5), "a reseeded atom is a training vector"
         assert (A[j] == 0).all() and (A[:, j] == 0).all() and (B[:, j] == 0).all()
     torch.testing.assert_close(A[np.ix_(live, live)], A0[np.ix_(live, live)])
+    torch.testing.assert_close(B[:, live], B0[:, live])
     assert _reseed_dead(D, A, B, torch.ones(5), X, np.random.default_rng(0)) == 0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlsm.pipeline.solvers import LassoResult, duality_gap, fista_fixed, lipschitz, nn_lasso
+from mlsm.pipeline.solvers import LassoOptions, LassoResult, duality_gap, fista_fixed, lipschitz, nn_lasso
 
 LAM = 0.05
 ENGINES = ["active-set", "bpp"]  # the CPU engine and the batched-torch (GPU) one, both runnable on CPU
@@ -66,7 +66,7 @@ def test_reference_satisfies_kkt(small):
 def test_nn_lasso_matches_reference(small, engine):
     X, D, A_ref = small
     tol = 1e-4
-    res = nn_lasso(X.float(), D.float(), LAM, tol=tol, engine=engine)
+    res = nn_lasso(X.float(), D.float(), LAM, tol=tol, options=LassoOptions(engine=engine))
     assert isinstance(res, LassoResult)
     assert res.codes.shape == (X.shape[0], D.shape[1]) and res.codes.dtype == torch.float32
     assert (res.codes >= 0).all()
@@ -82,12 +82,12 @@ def test_nn_lasso_matches_reference(small, engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_reported_gap_is_the_certificate(small, engine):
     X, D, A_ref = small
-    res = nn_lasso(X.float(), D.float(), LAM, tol=1e-4, engine=engine)
+    res = nn_lasso(X.float(), D.float(), LAM, tol=1e-4, options=LassoOptions(engine=engine))
     p, gap = duality_gap(X, D, res.codes.double(), LAM)
     torch.testing.assert_close(res.primal.double(), p, rtol=1e-5, atol=1e-6)
     assert (res.rel_gap.double() >= gap / p - 1e-5).all()
     # a float64 certificate agrees with one recomputed in float64 on the same (float32) data
-    res64 = nn_lasso(X.float(), D.float(), LAM, tol=1e-4, cert_dtype=torch.float64, engine=engine)
+    res64 = nn_lasso(X.float(), D.float(), LAM, tol=1e-4, options=LassoOptions(cert_dtype=torch.float64, engine=engine))
     p64, gap64 = duality_gap(X.float().double(), D.float().double(), res64.codes.double(), LAM)
     torch.testing.assert_close(res64.rel_gap.double(), gap64 / p64, rtol=1e-4, atol=1e-9)
     # and the certificate really bounds the distance to the optimum
@@ -114,10 +114,10 @@ def test_working_set_rounds_and_fallback(engine):
     A_ref = _reference(X, D)
     p_ref = _objective(X, D, A_ref)
     for kw in (dict(ws_size=4, ws_grow=3), dict(ws_size=4, ws_grow=3, max_iter=1)):
-        res = nn_lasso(X.float(), D.float(), LAM, tol=1e-4, engine=engine, **kw)
+        res = nn_lasso(X.float(), D.float(), LAM, tol=1e-4, options=LassoOptions(engine=engine, **kw))
         assert (res.rel_gap <= 1e-4).all(), kw
         assert (((_objective(X, D, res.codes.double()) - p_ref) / p_ref) <= 1e-4).all(), kw
-    assert nn_lasso(X.float(), D.float(), LAM, tol=1e-4, ws_size=4, ws_grow=3, engine=engine).n_iter > 1
+    assert nn_lasso(X.float(), D.float(), LAM, tol=1e-4, options=LassoOptions(ws_size=4, ws_grow=3, engine=engine)).n_iter > 1
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -128,20 +128,20 @@ def test_zero_solutions_and_degenerate_rows(engine):
     anti = -torch.ones(8) / math.sqrt(8)
     Xz = torch.stack([torch.zeros(8), anti])
     assert (Xz @ D).max() <= LAM  # precondition of the test
-    res = nn_lasso(Xz, D, LAM, engine=engine)
+    res = nn_lasso(Xz, D, LAM, options=LassoOptions(engine=engine))
     assert (res.codes == 0).all()
     assert (res.rel_gap == 0).all()
     torch.testing.assert_close(res.primal, torch.tensor([0.0, 0.5]))
     # empty batch
-    res = nn_lasso(torch.zeros(0, 8), D, LAM, engine=engine)
+    res = nn_lasso(torch.zeros(0, 8), D, LAM, options=LassoOptions(engine=engine))
     assert res.codes.shape == (0, 20)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_batch_composition_does_not_change_a_row(small, engine):
     X, D, _ = small
-    full = nn_lasso(X.float(), D.float(), LAM, tol=1e-6, engine=engine).codes
-    one = nn_lasso(X[5:6].float(), D.float(), LAM, tol=1e-6, engine=engine).codes
+    full = nn_lasso(X.float(), D.float(), LAM, tol=1e-6, options=LassoOptions(engine=engine)).codes
+    one = nn_lasso(X[5:6].float(), D.float(), LAM, tol=1e-6, options=LassoOptions(engine=engine)).codes
     torch.testing.assert_close(full[5:6], one, atol=1e-4, rtol=1e-3)
 
 
@@ -166,7 +166,7 @@ def test_lipschitz_is_largest_eigenvalue():
 @pytest.mark.parametrize("engine", ENGINES)
 def test_deterministic_for_the_same_input(engine):
     X, D = _problem(d=24, K=120, B=40, nnz=10, seed=11)
-    runs = [nn_lasso(X.float(), D.float(), LAM, tol=1e-5, ws_size=4, ws_grow=3, engine=engine) for _ in range(2)]
+    runs = [nn_lasso(X.float(), D.float(), LAM, tol=1e-5, options=LassoOptions(ws_size=4, ws_grow=3, engine=engine)) for _ in range(2)]
     assert torch.equal(runs[0].codes, runs[1].codes)
     assert torch.equal(runs[0].rel_gap, runs[1].rel_gap)
     assert (runs[0].codes >= 0).all()
@@ -177,7 +177,7 @@ def test_codes_are_non_negative_where_the_unconstrained_lasso_is_not(engine):
     # x = d0 - d1 with correlated atoms: the plain lasso puts a negative weight on d1, ours must not.
     X, D = _problem(d=16, K=40, B=8, nnz=4, seed=12)
     X = torch.nn.functional.normalize(D[:, :8].T - 0.8 * D[:, 8:16].T, dim=1)
-    res = nn_lasso(X.float(), D.float(), LAM, tol=1e-5, engine=engine)
+    res = nn_lasso(X.float(), D.float(), LAM, tol=1e-5, options=LassoOptions(engine=engine))
     assert (res.codes >= 0).all() and (res.rel_gap <= 1e-5).all()
     A_ref = _reference(X, D)
     assert ((_objective(X, D, res.codes.double()) - _objective(X, D, A_ref)) <= 1e-5 * _objective(X, D, A_ref) + 1e-9).all()
@@ -221,14 +221,14 @@ def test_sparse_code_stage_refuses_a_dictionary_of_another_d(tmp_path, capsys):
 def test_worker_threads_give_the_single_thread_result_and_restore_threads():
     X, D = _problem(d=24, K=120, B=600, nnz=10, seed=14)
     before = torch.get_num_threads()
-    one = nn_lasso(X.float(), D.float(), LAM, tol=1e-5, ws_size=4, ws_grow=3, workers=1)
-    two = nn_lasso(X.float(), D.float(), LAM, tol=1e-5, ws_size=4, ws_grow=3, workers=2, chunk_size=100)
+    one = nn_lasso(X.float(), D.float(), LAM, tol=1e-5, options=LassoOptions(ws_size=4, ws_grow=3, workers=1))
+    two = nn_lasso(X.float(), D.float(), LAM, tol=1e-5, options=LassoOptions(ws_size=4, ws_grow=3, workers=2, chunk_size=100))
     assert torch.get_num_threads() == before
     assert (two.rel_gap <= 1e-5).all() and (two.codes >= 0).all()
     torch.testing.assert_close(two.codes, one.codes, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(two.primal, one.primal, atol=1e-6, rtol=1e-5)
     # the chunks, not the threads, decide the arithmetic: same chunks, same bits (resumed runs rely on it)
-    one_same_chunks = nn_lasso(X.float(), D.float(), LAM, tol=1e-5, ws_size=4, ws_grow=3, workers=1, chunk_size=100)
+    one_same_chunks = nn_lasso(X.float(), D.float(), LAM, tol=1e-5, options=LassoOptions(ws_size=4, ws_grow=3, workers=1, chunk_size=100))
     assert torch.equal(two.codes, one_same_chunks.codes)
 
 
@@ -252,7 +252,7 @@ def test_certificate_holds_for_atoms_that_are_not_unit_norm():
     X, D = _problem(d=24, K=120, B=32, nnz=6, seed=22)
     scale = torch.linspace(0.3, 3.0, D.shape[1], dtype=torch.float64)
     Ds = D * scale
-    res = nn_lasso(X.float(), Ds.float(), LAM, tol=1e-5, engine="active-set")
+    res = nn_lasso(X.float(), Ds.float(), LAM, tol=1e-5, options=LassoOptions(engine="active-set"))
     p, gap = duality_gap(X.float().double(), Ds.float().double(), res.codes.double(), LAM)
     assert (res.rel_gap.double() >= gap / p - 1e-6).all() and (res.rel_gap <= 1e-5).all()
     p_ref = _objective(X, Ds, _reference(X, Ds))
@@ -261,11 +261,11 @@ def test_certificate_holds_for_atoms_that_are_not_unit_norm():
 
 def test_engines_agree_and_unknown_engine_is_refused():
     X, D = _problem(d=24, K=120, B=40, nnz=10, seed=23)
-    a = nn_lasso(X.float(), D.float(), LAM, tol=1e-6, engine="active-set")
-    b = nn_lasso(X.float(), D.float(), LAM, tol=1e-6, engine="bpp")
+    a = nn_lasso(X.float(), D.float(), LAM, tol=1e-6, options=LassoOptions(engine="active-set"))
+    b = nn_lasso(X.float(), D.float(), LAM, tol=1e-6, options=LassoOptions(engine="bpp"))
     torch.testing.assert_close(a.primal, b.primal, rtol=2e-6, atol=1e-7)
     with pytest.raises(ValueError, match="engine must be"):
-        nn_lasso(X.float(), D.float(), LAM, engine="lars")
+        nn_lasso(X.float(), D.float(), LAM, options=LassoOptions(engine="lars"))
 
 
 def _hard_problem(kind, seed):
@@ -297,7 +297,7 @@ def test_active_set_engine_alone_reaches_tol_on_hard_dictionaries(kind):
     # into the support (active_set._exchange), fullrank left most rows at gaps of 0.6.
     for seed in range(3):
         X, D, lam = _hard_problem(kind, seed)
-        res = nn_lasso(X.float(), D.float(), lam, tol=1e-4, engine="active-set", fallback_steps=0)
+        res = nn_lasso(X.float(), D.float(), lam, tol=1e-4, options=LassoOptions(engine="active-set", fallback_steps=0))
         p, gap = duality_gap(X.float().double(), D.float().double(), res.codes.double(), lam)
         assert (res.rel_gap <= 1e-4).all(), (kind, seed, float(res.rel_gap.max()))
         # and the gap it reports is the certificate of the float32 codes it returns, computed in float64
@@ -309,7 +309,7 @@ def test_tight_tol_is_reached_with_the_float64_fallback(kind, caplog):
     # At tol 1e-5 float32 rounds stall just above tol on fullrank; the float64 fallback must finish them.
     X, D, lam = _hard_problem(kind, 0)
     with caplog.at_level("WARNING", logger="mlsm.pipeline.solvers"):
-        res = nn_lasso(X.float(), D.float(), lam, tol=1e-5, engine="active-set")
+        res = nn_lasso(X.float(), D.float(), lam, tol=1e-5, options=LassoOptions(engine="active-set"))
     p, gap = duality_gap(X.float().double(), D.float().double(), res.codes.double(), lam)
     assert (res.rel_gap <= 1e-5).all() and (gap / p <= 1e-5 + 1e-9).all()
     assert "stopped above tol" not in caplog.text
@@ -318,7 +318,7 @@ def test_tight_tol_is_reached_with_the_float64_fallback(kind, caplog):
 def test_rows_left_above_tol_are_named_and_their_gap_is_honest(caplog):
     X, D, lam = _hard_problem("fullrank", 1)
     with caplog.at_level("WARNING", logger="mlsm.pipeline.solvers"):
-        res = nn_lasso(X.float(), D.float(), lam, tol=1e-12, engine="active-set", max_iter=1, fallback_steps=20)
+        res = nn_lasso(X.float(), D.float(), lam, tol=1e-12, options=LassoOptions(engine="active-set", max_iter=1, fallback_steps=20))
     above = torch.nonzero(res.rel_gap > 1e-12).flatten().tolist()
     assert above and f"{len(above)} of 64 rows stopped above tol" in caplog.text
     assert "rows " + ", ".join(map(str, above[:10])) in caplog.text
