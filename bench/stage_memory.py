@@ -1,8 +1,12 @@
-"""Peak RSS of extract and sparse-code at a token budget N and at 10N from a 10x larger corpus.
+"""Peak RSS of extract and sparse-code at a token budget of N tokens and of 10N tokens.
 
 Bounded memory means the two peaks are about equal: every stage streams its input shard by shard,
-so its peak depends on --shard-tokens, --dict-samples and K, not on the corpus size. The larger
-corpus is the input repeated 10 times (files listed 10 times in a folder of links).
+so its peak depends on --shard-tokens, --dict-samples and K, not on the number of tokens.
+
+What it measures: both runs stop at their budget (--max-tokens), so the large run reads the first
+10N tokens of its corpus, not a whole 10x corpus (at the default N that would be hours of CPU
+forward). Its corpus is the input listed 10 times (a folder of links), so that 10N tokens exist
+even when the input is small; `tokens` in each row is what the stage actually processed.
 
     python bench/stage_memory.py --tokens 25000 --out runs/bench-memory    (make bench-memory)
 
@@ -67,7 +71,7 @@ def main(argv=None) -> dict:
                        "-k", str(a.K), "--dict-samples", str(a.dict_samples), "--heldout", str(a.dict_samples // 10),
                        "--device", a.device, "--force", "--no-progress"])
         man = json.loads((ext / "manifest.json").read_text())
-        rows.append({"corpus_bytes": small_corpus * (1 if corpus == a.corpus else 10), "tokens": man["tokens"],
+        rows.append({"corpus_bytes_available": small_corpus * (1 if corpus == a.corpus else 10), "tokens": man["tokens"],
                      "shards": len(man["shards"]), "extract": e, "sparse_code": c})
         print(json.dumps(rows[-1]), flush=True)
     result = {"shard_tokens": a.shard_tokens, "K": a.K, "dict_samples": a.dict_samples, "runs": rows,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import statistics
 import subprocess
 import sys
@@ -34,14 +33,13 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from mlsm.pipeline.solvers import fista_fixed, lipschitz  # noqa: E402
-from mlsm.core import hf  # noqa: E402
-from mlsm.pipeline.codes import TokenData  # noqa: E402
-from mlsm.trainer.data import BatchIterator, Masking, Prefetcher  # noqa: E402
-from mlsm.core.bert import BertConfig, Student  # noqa: E402
-from mlsm.trainer.train import StepSpec, _to, adamw, param_groups, train_step  # noqa: E402
+from mlsm.core import hf
+from mlsm.core.bert import BertConfig, Student
+from mlsm.pipeline.codes import TokenData
+from mlsm.pipeline.solvers import fista_fixed, lipschitz
+from mlsm.trainer.data import BatchIterator, Masking, Prefetcher
+from mlsm.trainer.train import StepSpec, _to, adamw, param_groups, train_step
 
 log = logging.getLogger("bench.train")
 MODES = ("mlm", "mlsm", "mlsm+mlm", "online")
@@ -171,7 +169,7 @@ def online_mode(config, data, tok, args, device, bf16) -> dict:
         return n_tokens
 
     try:
-        ms, tps = time_steps(step, device, max(1, args.warmup // 2), max(2, args.iters // 2))
+        ms, tps = time_steps(step, device, args.warmup, args.iters)  # the same warm-up and iterations as every mode
     finally:
         if isinstance(batches, Prefetcher):
             batches.close()
@@ -246,7 +244,7 @@ def main(argv=None) -> dict:
     it = make_batches(data, tok, args, with_targets=False, device=torch.device("cpu"))
     shapes = [(sum(m["n_tokens"] for m in b), max(m["input_ids"].shape[1] for m in b), sum(m["n_masked"] for m in b))
               for b in (next(it) for _ in range(8))]
-    tokens, seq_len, masked = (float(np.mean(c)) for c in zip(*shapes))
+    tokens, seq_len, masked = (float(np.mean(c)) for c in zip(*shapes, strict=True))
     data.close()
 
     mfu = None

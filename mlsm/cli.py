@@ -13,7 +13,13 @@ import click
 
 from mlsm import __version__
 from mlsm.core.config import (
-    ExtractConfig, FinetuneConfig, LayerReportConfig, PretrainConfig, SparseCodeConfig, TokenizeConfig, click_options,
+    ExtractConfig,
+    FinetuneConfig,
+    LayerReportConfig,
+    PretrainConfig,
+    SparseCodeConfig,
+    TokenizeConfig,
+    click_options,
     from_cli,
 )
 from mlsm.core.errors import MLSMError
@@ -215,7 +221,8 @@ def finetune(tasks, **kw):
 @click_options(LayerReportConfig)
 def layer_report(**kw):
     """Per extracted layer: held-out sparse-coding objective, nnz, atom-usage entropy, lexical atoms, aux FLOPs."""
-    from mlsm.pipeline.layer_report import layer_report as run, markdown
+    from mlsm.pipeline.layer_report import layer_report as run
+    from mlsm.pipeline.layer_report import markdown
 
     click.echo(markdown(run(from_cli(LayerReportConfig, kw))))
 

@@ -182,6 +182,16 @@ def _round(X, Dt, gram, dmax, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n,
     packed factor are at slot[i] of the prev_* arrays. Writes the new support in factor order,
     its packed factor (rows after one another from out_off[i], so the buffer is used densely and
     can be reused round after round) and the residual R[i]. Returns the number of active-set passes.
+
+    Arguments (flat, as numba compiles them best; the one bundle is this list):
+      X (B, d) float32 rows of the chunk; Dt (K, d) and gram (K, K) the dictionary and D^T D;
+      dmax the largest atom norm; lam the L1 weight;
+      rows (n,) chunk rows solved this round; slot (n,) their index in the prev_* arrays;
+      prev_idx/prev_a/prev_b (S, w) previous support ids, values and b; prev_n (S,) support sizes;
+      prev_L/prev_off packed Cholesky factors and each slot's offset into them;
+      cand (n, c) candidate atoms per row and n_cand (n,) how many are valid;
+      out_idx/out_a/out_b/out_n/out_L/out_off the same six outputs for this round;
+      R (n, d) residual out; qblock how many atoms may enter per pass (halved per row on step-backs).
     """
     n = rows.shape[0]
     K = gram.shape[0]
@@ -246,7 +256,7 @@ def _round(X, Dt, gram, dmax, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n,
         for k in range(w):
             g_at[k] = np.inf
             path_at[k] = 0.0
-        for it in range(8 * w + 50):
+        for _ in range(8 * w + 50):
             passes += 1
             for k in range(w):
                 if inP[k] or blocked[k]:
@@ -263,7 +273,7 @@ def _round(X, Dt, gram, dmax, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n,
             nadd = 0
             q_now = q
             j = -1
-            for t in range(q_now):
+            for _ in range(q_now):
                 best = eps
                 j = -1
                 for k in range(w):
@@ -303,7 +313,7 @@ def _round(X, Dt, gram, dmax, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n,
                     break
                 continue
             # Lawson-Hanson: solve on P; if some value is not positive, step back to the boundary and drop it.
-            for inner in range(w + 5):
+            for _ in range(w + 5):
                 for k in range(nP):
                     bP[k] = b[P[k]]
                 _chol_solve(L, nP, bP, z)

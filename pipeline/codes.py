@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import h5py
 import numpy as np
@@ -268,7 +268,7 @@ class TokenData:
             self._f.close()
             self._f = None
 
-    def __enter__(self) -> "TokenData":
+    def __enter__(self) -> TokenData:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -288,7 +288,7 @@ class TokenData:
         tok_lo, tok_hi = self.seq_offsets[run_first], self.seq_offsets[run_last + 1]
         ips, ixs, vals, row_starts = [np.zeros(1, np.int64)], [], [], []
         nnz = rows = 0
-        for lo, hi in zip(tok_lo.tolist(), tok_hi.tolist()):
+        for lo, hi in zip(tok_lo.tolist(), tok_hi.tolist(), strict=True):
             ip = self._indptr[lo : hi + 1].astype(np.int64)
             ixs.append(self._indices[ip[0] : ip[-1]])
             vals.append(self._values[ip[0] : ip[-1]])

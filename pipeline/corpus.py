@@ -20,9 +20,10 @@ import logging
 import os
 import re
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO
 
 from tqdm import tqdm
 

@@ -7,7 +7,7 @@ order), which is what lets an interrupted stage skip the sequences it already fi
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 

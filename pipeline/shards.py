@@ -8,8 +8,8 @@ row group straight into an (n, d) numpy array without copies per row.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa

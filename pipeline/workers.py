@@ -14,9 +14,9 @@ import contextlib
 import fcntl
 import json
 import logging
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator
 
 from mlsm.core.errors import MLSMError
 from mlsm.core.layout import MANIFEST

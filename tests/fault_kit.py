@@ -78,8 +78,8 @@ def make_tiny_aux(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0
     """A random-init BERT saved with our checkpoint code: extract runs in a fraction of MiniLM's time."""
     import torch
 
-    from mlsm.core.hf import save_model_dir
     from mlsm.core.bert import BertConfig, BertEncoder
+    from mlsm.core.hf import save_model_dir
 
     tok_dir = write_vocab(folder.parent / (folder.name + "-vocab"), tuple(extra_words))
     n_vocab = len((tok_dir / "vocab.txt").read_text().splitlines())

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mlsm.core.errors import MLSMError
-from mlsm.pipeline.codes import TokenData
 from mlsm.core.ranks import Rank
+from mlsm.pipeline.codes import TokenData
 from mlsm.trainer.data import BatchIterator, Masking, codes_to_distributions, csr_take, get_batch, mask_tokens
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4
@@ -100,11 +100,11 @@ def _file_target(f: h5py.File, g: int) -> dict[int, float]:
     vals = f["codes/values"][lo:hi].astype(np.float64)
     idx = f["codes/indices"][lo:hi].astype(int)
     s = vals.sum()
-    return {} if s == 0 else {int(i): v / s for i, v in zip(idx, vals) if v > 0}
+    return {} if s == 0 else {int(i): v / s for i, v in zip(idx, vals, strict=True) if v > 0}
 
 
 def _batch_targets(ip, ix, val) -> list[dict[int, float]]:
-    return [dict(zip(ix[ip[r] : ip[r + 1]].tolist(), val[ip[r] : ip[r + 1]].tolist())) for r in range(len(ip) - 1)]
+    return [dict(zip(ix[ip[r] : ip[r + 1]].tolist(), val[ip[r] : ip[r + 1]].tolist(), strict=True)) for r in range(len(ip) - 1)]
 
 
 # --------------------------------------------------------------------------- CSR
@@ -141,7 +141,7 @@ def test_batch_targets_match_file_rows(codes_h5):
             expected.append(_file_target(f, g))
         assert len(got) == len(expected) > 5
         assert any(not e for e in expected), "the fixture should mask some tokens without a target"
-        for a, e in zip(got, expected):
+        for a, e in zip(got, expected, strict=True):
             assert a.keys() == e.keys()
             for k in a:
                 assert a[k] == pytest.approx(e[k], rel=1e-6)
@@ -157,7 +157,7 @@ def test_iterator_targets_match_file_rows(codes_h5, kw):
                 T = m["input_ids"].shape[1]
                 got = _batch_targets(m["target_indptr"].numpy(), m["target_indices"].numpy(), m["target_values"].numpy())
                 assert len(got) == m["n_masked"] == len(m["mlm_labels"])
-                for flat, tgt, label in zip(m["masked_index"].tolist(), got, m["mlm_labels"].tolist()):
+                for flat, tgt, label in zip(m["masked_index"].tolist(), got, m["mlm_labels"].tolist(), strict=True):
                     s, t = divmod(flat, T)
                     g = int(data.seq_offsets[m["seq_ids"][s]]) + t
                     assert int(f["tokens"][g]) == label
@@ -277,8 +277,8 @@ def test_iterator_resume_and_micro_batch_invariance(codes_h5):
         expected = [next(a) for _ in range(6)]  # crosses into epoch 1
         b = _iterator(data)
         b.load_state_dict(state)
-        for want, got in zip(expected, (next(b) for _ in range(6))):
-            for x, y in zip(want, got):
+        for want, got in zip(expected, (next(b) for _ in range(6)), strict=True):
+            for x, y in zip(want, got, strict=True):
                 assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["masked_index"], y["masked_index"])
                 assert torch.equal(x["target_values"], y["target_values"])
         with pytest.raises(MLSMError, match="seed"):
@@ -289,7 +289,7 @@ def test_iterator_resume_and_micro_batch_invariance(codes_h5):
         assert len(two) == 2
         flat = lambda ms: sorted(
             (s, tuple(ids[ids != PAD].tolist()))
-            for m in ms for s, ids in zip(m["seq_ids"].tolist(), m["input_ids"])
+            for m in ms for s, ids in zip(m["seq_ids"].tolist(), m["input_ids"], strict=True)
         )
         assert flat(one) == flat(two)
         assert sum(m["n_targets"] for m in two) == one[0]["n_targets"]

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_data import make_dataset
 from mlsm.core.config import PretrainConfig
 from mlsm.trainer.train import run_pretrain
+from tests.test_data import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from mlsm.cli import cli
+from mlsm.core.bert import BertConfig, Student
 from mlsm.core.errors import MLSMError
-from tests.test_data import make_tokenizer_dir
 from mlsm.core.hf import save_model_dir
 from mlsm.trainer.export import MLM_HEAD_FILE, MLSM_HEAD_FILE, export_model, load_mlsm_head
-from mlsm.core.bert import BertConfig, Student
+from tests.test_data import make_tokenizer_dir
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              max_position_embeddings=32)
@@ -36,7 +36,7 @@ def _student_step_dir(tmp_path, mlm: bool = True, num_atoms: int | None = 11):
 
 
 def test_export_loads_in_transformers_with_same_hidden_states(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # hard: make test installs it (the test extra); a missing one is a failure, not a skip
     student, _ = _student_step_dir(tmp_path)
     out = tmp_path / "export"
     info = export_model(tmp_path / "run", out)  # a run dir resolves to its latest step
@@ -58,7 +58,7 @@ def test_export_loads_in_transformers_with_same_hidden_states(tmp_path):
         theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True).hidden_states
     assert len(ours) == len(theirs) == SMALL["num_hidden_layers"] + 1
     keep = mask.bool()
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert (a - b).abs()[keep].max().item() <= 1e-4
 
     # model.safetensors holds only BertModel names: the heads live in their own files.

@@ -21,7 +21,12 @@ import pytest
 
 from mlsm.cli import main
 from tests.fault_kit import (
-    assert_h5_equal, assert_parquet_equal, leftovers, make_tiny_aux, run_cli, write_corpus,
+    assert_h5_equal,
+    assert_parquet_equal,
+    leftovers,
+    make_tiny_aux,
+    run_cli,
+    write_corpus,
 )
 
 SEED = 6

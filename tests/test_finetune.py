@@ -10,14 +10,14 @@ import torch
 from click.testing import CliRunner
 
 from mlsm.cli import cli
+from mlsm.core.bert import BertConfig, Student
+from mlsm.core.config import FinetuneConfig
 from mlsm.core.errors import MLSMError
-from tests.test_train import one_thread  # noqa: F401  (autouse: tiny models on one thread)
 from mlsm.core.hf import save_model_dir
 from mlsm.trainer.export import export_model
-from mlsm.core.config import FinetuneConfig
 from mlsm.trainer.finetune import load_task, markdown_table, read_classification, run_finetune
 from mlsm.trainer.scores import accuracy, macro_f1, mcc, mean_std, scores
-from mlsm.core.bert import BertConfig, Student
+from tests.test_train import one_thread  # noqa: F401  (autouse: tiny models on one thread)
 
 N_WORDS = 45  # words w0..w44 in 5 topics of 9
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -40,7 +40,7 @@ def test_packing_is_independent_of_batching():
     docs = [[_line(i % 7 + 1, i) for i in range(j, j + 5)] for j in range(40)]
     a = list(pack_documents(docs, _tok(), 16, 2, 3, lines_per_batch=3))
     b = list(pack_documents(docs, _tok(), 16, 2, 3, lines_per_batch=10_000))
-    assert len(a) == len(b) and all((x == y).all() for x, y in zip(a, b))
+    assert len(a) == len(b) and all((x == y).all() for x, y in zip(a, b, strict=True))
 
 
 def test_limit_tokens_stops_before_the_budget():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -9,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlsm.core.errors import MLSMError
-from tests.test_data import make_dataset, make_tokenizer_dir
 from mlsm.core import hf
-from mlsm.trainer import train
 from mlsm.core.bert import BertConfig, Student
 from mlsm.core.config import PretrainConfig
+from mlsm.core.errors import MLSMError
+from mlsm.trainer import train
 from mlsm.trainer.train import run_pretrain
+from tests.test_data import make_dataset, make_tokenizer_dir
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
 NO_DROPOUT = dict(SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -140,7 +141,7 @@ def test_grad_accum_equals_full_batch(codes_h5, tmp_path):
     b = load_file(tmp_path / "four" / "step-0000003" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-4, msg=k)
-    for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "four")):
+    for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "four"), strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["targets"] == y["targets"]
 
 
@@ -195,7 +196,7 @@ def test_lr_schedule_and_decay_groups():
     cfg = PretrainConfig(data=Path("x"), out_dir=Path("y"), steps=100, lr=1.0, warmup=0.1)
     lrs = [train.lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and max(lrs) == pytest.approx(1.0)
-    assert lrs[10] == pytest.approx(1.0) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[10] == pytest.approx(1.0) and all(a > b for a, b in itertools.pairwise(lrs[10:]))
     assert lrs[-1] == pytest.approx(1 / 90)
     no_warm = PretrainConfig(data=Path("x"), out_dir=Path("y"), steps=10, lr=1.0, warmup=0.0)
     assert train.lr_at(0, no_warm) == 1.0
@@ -211,7 +212,8 @@ def test_lr_schedule_and_decay_groups():
 
 
 def test_plot_writes_a_png_of_both_runs(codes_h5, tokens_h5, tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (hard: the test extra installs it)
+
     from mlsm.trainer.plot import plot_runs, read_run
 
     run_pretrain(_cfg(codes_h5, tmp_path / "mlsm", steps=4, mlm_weight=1.0))
@@ -234,7 +236,7 @@ def test_bf16_autocast_flag_on_cpu(codes_h5, tmp_path):
     run_pretrain(_cfg(codes_h5, tmp_path / "fp32", precision="fp32", **kw))
     run_pretrain(_cfg(codes_h5, tmp_path / "bf16", precision="bf16", **kw))
     a, b = _metrics(tmp_path / "fp32"), _metrics(tmp_path / "bf16")
-    assert all(r["loss"] == pytest.approx(s["loss"], rel=2e-2) for r, s in zip(a, b))
+    assert all(r["loss"] == pytest.approx(s["loss"], rel=2e-2) for r, s in zip(a, b, strict=True))
     assert a[0]["loss"] != b[0]["loss"]
     with pytest.raises(MLSMError, match="precision"):
         run_pretrain(_cfg(codes_h5, tmp_path / "x", precision="fp8"))

@@ -18,12 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlsm.core.errors import MLSMError
 from mlsm.core import hf, manifest
-from mlsm.trainer import train
 from mlsm.core.config import PretrainConfig
+from mlsm.core.errors import MLSMError
+from mlsm.trainer import train
 from mlsm.trainer.train import run_pretrain
-
 from tests.test_train import TIMING, _metrics, codes_h5, one_thread  # noqa: F401  (fixtures shared with test_train)
 from tests.test_train import _cfg as _train_cfg
 

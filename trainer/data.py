@@ -22,7 +22,7 @@ import torch
 from mlsm.core.background import Prefetch
 from mlsm.core.config import MASK_POLICIES
 from mlsm.core.errors import MLSMError
-from mlsm.core.ranks import Rank
+from mlsm.core.ranks import ONE_PROCESS, Rank
 from mlsm.pipeline.codes import CodeSlices, TokenData
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,11 @@ class Batch:
     token_index: np.ndarray  # (B, T) int64
     codes: CodeSlices | None
 
-    def rows(self, r0: int, r1: int) -> "Batch":
+    def rows(self, r0: int, r1: int) -> Batch:
         """Rows r0..r1-1, trimmed to their own longest sequence."""
         return self.take(np.arange(r0, r1))
 
-    def take(self, rows: np.ndarray) -> "Batch":
+    def take(self, rows: np.ndarray) -> Batch:
         """These rows, in this order, trimmed to their own longest sequence."""
         rows = np.asarray(rows, dtype=np.int64)
         r = torch.from_numpy(rows)
@@ -87,7 +87,7 @@ class Batch:
         """Normalised CSR targets (indptr, indices, values) of the flat positions `masked_index`."""
         if self.codes is None:
             raise MLSMError("this data file has no /codes, so it has no MLSM targets; run `mlsm sparse-code` first.")
-        g = self.token_index.reshape(-1)[np.asarray(masked_index, dtype=np.int64)]
+        g = self.token_index.reshape(-1)[np.asarray(masked_index, dtype=np.int64)]  # (M,) stream position per mask
         if (g < 0).any():
             raise ValueError("masked_index points at padding")
         ip, ix, val = csr_take(self.codes.indptr, self.codes.indices, self.codes.values, self.codes.rows_of(g))
@@ -109,9 +109,9 @@ def get_batch(data: TokenData, seq_ids, codes: CodeSlices | None = None, with_co
     lens = data.seq_lengths[seq_ids]
     T = int(lens.max())
     pos = np.arange(T)
-    valid = pos[None, :] < lens[:, None]
-    token_index = np.where(valid, data.seq_offsets[seq_ids][:, None] + pos[None, :], -1)
-    ids = np.where(valid, data.tokens[np.maximum(token_index, 0)], data.pad_id)
+    valid = pos[None, :] < lens[:, None]  # (B, T)
+    token_index = np.where(valid, data.seq_offsets[seq_ids][:, None] + pos[None, :], -1)  # (B, T), -1 on padding
+    ids = np.where(valid, data.tokens[np.maximum(token_index, 0)], data.pad_id)  # (B, T)
     with_codes = with_codes and data.has_codes
     if with_codes and codes is None and read:
         codes = data.read_codes(seq_ids)
@@ -142,7 +142,7 @@ class Masking:
     special_ids: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, special: dict, vocab_size: int, mask_prob: float, policy: str) -> "Masking":
+    def of(cls, special: dict, vocab_size: int, mask_prob: float, policy: str) -> Masking:
         return cls(mask_prob, policy, special["mask"], vocab_size, tuple(special[k] for k in ("cls", "sep", "pad", "mask")))
 
 
@@ -170,9 +170,9 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_m
     # The k candidates with the smallest random scores; ranks, not thresholds, so ties cannot matter.
     scores = torch.rand(B, T, generator=generator)
     scores = torch.where(cand, scores, torch.full_like(scores, 2.0))
-    order = scores.argsort(dim=1)
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(T).expand(B, T).contiguous())
-    selected = ranks < k[:, None]
+    order = scores.argsort(dim=1)  # (B, T)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(T).expand(B, T).contiguous())  # (B, T)
+    selected = ranks < k[:, None]  # (B, T): the k[b] lowest-scored candidates of row b
     out = input_ids.clone()
     if policy == "mask":
         out[selected] = mask_id
@@ -187,7 +187,7 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_m
         rand_tok = pool[torch.randint(len(pool), (B, T), generator=generator)]
         out = torch.where(selected & (r < 0.8), torch.full_like(out, mask_id), out)
         out = torch.where(selected & (r >= 0.8) & (r < 0.9), rand_tok, out)
-    return out, selected.reshape(-1).nonzero().squeeze(1)
+    return out, selected.reshape(-1).nonzero().squeeze(1)  # (B, T), (M,) flat positions b * T + t
 
 
 # --------------------------------------------------------------------------- batches
@@ -208,7 +208,7 @@ class BatchIterator:
     """
 
     def __init__(self, data: TokenData, batch_size: int, *, seed: int, masking: Masking, micro_batches: int = 1,
-                 rank: Rank = Rank(), with_targets: bool = True, block_size: int = 64, shuffle_window: int = 4096):
+                 rank: Rank = ONE_PROCESS, with_targets: bool = True, block_size: int = 64, shuffle_window: int = 4096):
         world_size = rank.count
         if batch_size % (micro_batches * world_size):
             raise MLSMError(
@@ -281,8 +281,8 @@ class BatchIterator:
     def _rank_seqs(self, order: np.ndarray, b0: int, b1: int) -> np.ndarray:
         """This rank's sequences of global batches b0..b1-1, shape (b1-b0, local batch)."""
         local = self.batch_size // self.world_size
-        g = order[b0 * self.batch_size : b1 * self.batch_size].reshape(b1 - b0, self.batch_size)
-        return g[:, self.rank * local : (self.rank + 1) * local]
+        g = order[b0 * self.batch_size : b1 * self.batch_size].reshape(b1 - b0, self.batch_size)  # (batches, global)
+        return g[:, self.rank * local : (self.rank + 1) * local]  # (batches, local)
 
     def _codes_for(self, epoch: int, batch: int) -> CodeSlices | None:
         if not self.with_targets:
@@ -298,7 +298,7 @@ class BatchIterator:
 
     # -- batches
 
-    def __iter__(self) -> "BatchIterator":
+    def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> list[dict]:
@@ -314,9 +314,9 @@ class BatchIterator:
         ids, masked_index = mask_tokens(
             b.input_ids, b.attention_mask, torch.isin(b.input_ids, self._special), self.masking, gen,
         )
-        selected = torch.zeros(b.input_ids.numel(), dtype=torch.bool)
+        selected = torch.zeros(b.input_ids.numel(), dtype=torch.bool)  # (B*T,) flat, as masked_index
         selected[masked_index] = True
-        selected = selected.view(b.input_ids.shape)
+        selected = selected.view(b.input_ids.shape)  # (B, T)
         local = self.batch_size // self.world_size
         mine = np.arange(self.rank * local, (self.rank + 1) * local)
         # Sorted by length, micro-batches pad less; a batch is a set, so nothing else changes.
@@ -334,13 +334,13 @@ class BatchIterator:
 
     def _pack(self, b: Batch, masked_ids: torch.Tensor, selected: torch.Tensor) -> dict:
         """Everything one forward pass needs, as CPU tensors."""
-        masked_index = selected.reshape(-1).nonzero().squeeze(1)
+        masked_index = selected.reshape(-1).nonzero().squeeze(1)  # (M,) flat positions in this micro-batch's (b, T)
         out = {
             "seq_ids": b.seq_ids,
             "input_ids": masked_ids.contiguous(),
             "attention_mask": b.attention_mask,
             "masked_index": masked_index,
-            "mlm_labels": b.input_ids.reshape(-1)[masked_index],
+            "mlm_labels": b.input_ids.reshape(-1)[masked_index],  # (M,) the original ids
             "n_tokens": int(b.attention_mask.sum()),
             "n_masked": int(masked_index.numel()),
         }
@@ -370,7 +370,7 @@ class Prefetcher:
 
         self._ahead = Prefetch(produce(), depth, name="mlsm-prefetch")
 
-    def __iter__(self) -> "Prefetcher":
+    def __iter__(self) -> Prefetcher:
         return self
 
     def __next__(self) -> list[dict]:

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from mlsm import __version__
-from mlsm.core.errors import MLSMError
-from mlsm.core.manifest import atomic_path
 from mlsm.core import hf
 from mlsm.core.bert import BertConfig, MLSMHead
+from mlsm.core.errors import MLSMError
+from mlsm.core.manifest import atomic_path
 
 log = logging.getLogger(__name__)
 

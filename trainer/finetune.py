@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -28,13 +29,13 @@ from torch import nn
 from tqdm import tqdm
 
 from mlsm import __version__
+from mlsm.core import hf
 from mlsm.core.config import FinetuneConfig
 from mlsm.core.device import pick_device
 from mlsm.core.errors import MLSMError
 from mlsm.core.manifest import write_json_atomic
-from mlsm.core import hf
 from mlsm.trainer.scores import mean_std, scores
-from mlsm.trainer.train import param_groups, lr_at
+from mlsm.trainer.train import lr_at, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _is_token_file(path: Path) -> bool:
         return False
     # .tsv / .txt: CoNLL if sentences are separated by blank lines and rows have 2+ short columns.
     with open(path, encoding="utf-8", errors="replace") as f:
-        head = [line for _, line in zip(range(200), f)]
+        head = list(itertools.islice(f, 200))
     nonblank = [i for i, line in enumerate(head) if line.strip()]
     blank = any(not head[i].strip() for i in range(nonblank[0], nonblank[-1])) if nonblank else False
     rows = [line.rstrip("\n").split("\t") if "\t" in line else line.split() for line in head if line.strip()]
@@ -356,7 +357,7 @@ def markdown_table(results: list[dict]) -> str:
         split = "test" if "test" in r["summary"] else "dev"
         s = r["summary"][split]
 
-        def cell(k):
+        def cell(k, s=s):
             return f"{100 * s[k]['mean']:.1f} ± {100 * s[k]['std']:.1f}" if k in s else "–"
 
         lines.append(f"| {r['model_name']} | {r['task']} | {split} | {len(r['seeds'])} | {cell('accuracy')} | "

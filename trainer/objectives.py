@@ -28,28 +28,31 @@ def mlsm_kl_loss(
     Empty rows (tokens whose code is all zero) are left out of the loss and of its denominator.
     Pass `target_indptr` on the CPU to keep the row count free of a device sync.
     """
-    z = _float32(logits)
+    z = _float32(logits)  # (M, K): one row per masked token
     M = z.shape[0]
     if target_indptr.numel() != M + 1:
         raise ValueError(f"target_indptr has {target_indptr.numel()} entries for {M} rows (expected {M + 1})")
-    lens = (target_indptr[1:] - target_indptr[:-1]).cpu()
+    lens = (target_indptr[1:] - target_indptr[:-1]).cpu()  # (M,) nonzeros per row
     has = lens > 0
     n = int(has.sum())
     if n == 0:
         return z.sum() * 0.0, 0  # keeps the graph (and DDP's gradient hooks) alive
     dev = z.device
-    rows = torch.repeat_interleave(torch.arange(M), lens).to(dev, non_blocking=True)
-    cols = target_indices.to(dev, dtype=torch.long, non_blocking=True)
-    t = target_values.to(dev, dtype=z.dtype, non_blocking=True)
-    neg_entropy = torch.zeros(M, dtype=z.dtype, device=dev).index_add_(0, rows, torch.xlogy(t, t))
-    cross = torch.zeros(M, dtype=z.dtype, device=dev).index_add_(0, rows, t * z[rows, cols])
-    kl = neg_entropy - cross + torch.logsumexp(z, dim=-1)
+    rows = torch.repeat_interleave(torch.arange(M), lens).to(dev, non_blocking=True)  # (nnz,) row of each entry
+    cols = target_indices.to(dev, dtype=torch.long, non_blocking=True)  # (nnz,) its atom
+    t = target_values.to(dev, dtype=z.dtype, non_blocking=True)  # (nnz,) its probability
+    neg_entropy = torch.zeros(M, dtype=z.dtype, device=dev).index_add_(0, rows, torch.xlogy(t, t))  # (M,)
+    cross = torch.zeros(M, dtype=z.dtype, device=dev).index_add_(0, rows, t * z[rows, cols])  # (M,)
+    kl = neg_entropy - cross + torch.logsumexp(z, dim=-1)  # (M,)
     kl = torch.where(has.to(dev, non_blocking=True), kl, torch.zeros_like(kl))
     return kl.sum() / n, n
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the masked positions (labels = original ids; -100 is ignored)."""
+    """Mean cross-entropy over the masked positions (labels = original ids; -100 is ignored).
+
+    logits (M, V), labels (M,): one row per masked token.
+    """
     return F.cross_entropy(_float32(logits), labels.to(logits.device, dtype=torch.long), ignore_index=-100)
 
 

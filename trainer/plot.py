@@ -70,11 +70,11 @@ def plot_runs(runs: list[Path], out: Path, smooth: int = 1, labels: list[str] | 
     ) and panels[-1][0] == "loss":
         panels = panels[:-1]  # a total equal to the only loss adds nothing
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        for rows, label in zip(data, labels):
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        for rows, label in zip(data, labels, strict=True):
             pts = [(r["step"], float(r[key])) for r in rows if r.get(key) is not None]
             if pts:
-                steps, vals = zip(*pts)
+                steps, vals = zip(*pts, strict=True)
                 ax.plot(steps, _smooth(list(vals), smooth), label=label, linewidth=1.2)
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -28,7 +28,7 @@ from mlsm.core.device import pick_device
 from mlsm.core.errors import MLSMError
 from mlsm.core.layout import TOKENIZER_DIR
 from mlsm.core.manifest import write_json_atomic
-from mlsm.core.ranks import Rank, join
+from mlsm.core.ranks import ONE_PROCESS, Rank, join
 from mlsm.pipeline.codes import TokenData, check_codes_file
 from mlsm.trainer.checkpoint import Checkpoints
 from mlsm.trainer.data import BatchIterator, Masking, Prefetcher
@@ -96,7 +96,7 @@ class StepSpec:
     bf16: bool = False
 
     @classmethod
-    def of(cls, cfg: PretrainConfig, bf16: bool) -> "StepSpec":
+    def of(cls, cfg: PretrainConfig, bf16: bool) -> StepSpec:
         return cls(use_mlsm=cfg.objective == "mlsm", use_mlm=cfg.objective == "mlm" or cfg.mlm_weight > 0,
                    mlm_weight=cfg.mlm_weight, clip=cfg.clip, bf16=bf16)
 
@@ -122,7 +122,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro: list[dict], spec: StepSpec, *,
-               step_model: torch.nn.Module | None = None, ddp=None, rank: Rank = Rank()) -> StepResult:
+               step_model: torch.nn.Module | None = None, ddp=None, rank: Rank = ONE_PROCESS) -> StepResult:
     """One optimizer step over a step's micro-batches (the trainer's and the benchmark's one copy).
 
     `model` owns the parameters; `step_model` runs them (DDP-wrapped and/or compiled, default

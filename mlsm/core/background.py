@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 _END = object()
 
@@ -63,7 +63,7 @@ class Prefetch(Iterator):
         self._stop.set()
         self._thread.join()
 
-    def __enter__(self) -> "Prefetch":
+    def __enter__(self) -> Prefetch:
         return self
 
     def __exit__(self, *exc) -> None:

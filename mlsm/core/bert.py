@@ -53,7 +53,7 @@ class BertConfig:
             raise MLSMError(f"pad_token_id {self.pad_token_id} is outside the vocabulary (size {self.vocab_size}).")
 
     @classmethod
-    def from_hf(cls, d: dict) -> "BertConfig":
+    def from_hf(cls, d: dict) -> BertConfig:
         """Read an HF config.json; refuse variants this BERT would silently compute wrongly."""
         model_type = d.get("model_type", "bert")
         if model_type != "bert":
@@ -91,7 +91,7 @@ class BertConfig:
         return d
 
     @classmethod
-    def preset(cls, name: str, vocab_size: int) -> "BertConfig":
+    def preset(cls, name: str, vocab_size: int) -> BertConfig:
         if name not in PRESETS:
             raise MLSMError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}.")
         return cls(vocab_size=vocab_size, **PRESETS[name])

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from mlsm.core.bert import BertConfig, BertEncoder, Student
 from mlsm.core.errors import MLSMError
 from mlsm.core.layout import step_of
 from mlsm.core.manifest import atomic_path, checksum_problem
-from mlsm.core.bert import BertConfig, BertEncoder, Student
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mlsm import __version__
 from mlsm.core.errors import MLSMError
@@ -218,7 +219,7 @@ def prepare_stage(
             with open(path) as f:
                 old = json.load(f)
         except (OSError, json.JSONDecodeError):
-            raise MLSMError(f"{path} is unreadable. Re-run `mlsm {stage}` with --force to redo the stage.")
+            raise MLSMError(f"{path} is unreadable. Re-run `mlsm {stage}` with --force to redo the stage.") from None
         diffs = _differences({"params": old.get("params", {}), "inputs": old.get("inputs", {})},
                              {"params": params, "inputs": inputs})
         if diffs:

@@ -78,6 +78,9 @@ class Rank:
             dist.destroy_process_group()
 
 
+ONE_PROCESS = Rank()  # the default: a single process, no collectives
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
@@ -108,7 +111,7 @@ def join(device: torch.device | None = None, index: int | None = None, count: in
     if (index is None) != (count is None):
         raise MLSMError("--worker-index and --num-workers go together (e.g. --worker-index 0 --num-workers 4).")
     if count is None:
-        return Rank()
+        return ONE_PROCESS
     if count < 1 or not 0 <= index < count:
         raise MLSMError(f"--worker-index must be in 0..{count - 1} and --num-workers >= 1 (got {index} of {count}).")
     return Rank(index, count)

