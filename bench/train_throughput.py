@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from mlsm.core import hf
 from mlsm.core.bert import BertConfig, Student
+from mlsm.core.device import native_bf16, resolve_precision
 from mlsm.pipeline.codes import TokenData
 from mlsm.pipeline.solvers import fista_fixed, lipschitz
 from mlsm.trainer.data import BatchIterator, Masking, Prefetcher
@@ -222,7 +223,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    precision = resolve_precision(args.precision, device)  # the trainer's rule: auto is bf16 where native
+    bf16 = precision == "bf16"
     modes = [m for m in args.modes.split(",") if m]
     if set(modes) - set(MODES):
         sys.exit(f"error: unknown modes {sorted(set(modes) - set(MODES))}; choose from {MODES}")
@@ -234,9 +236,17 @@ def main(argv=None) -> dict:
     config = BertConfig.preset(args.model, tok.get_vocab_size(with_added_tokens=True))
     results: dict[str, dict] = {}
     for mode in modes:
-        log.info("timing %s (%s, batch %d, %s)", mode, args.model, args.batch_size, device)
+        log.info("timing %s (%s, batch %d, %s, %s)", mode, args.model, args.batch_size, device, precision)
         results[mode] = (online_mode(config, data, tok, args, device, bf16) if mode == "online"
                          else trainer_mode(mode, config, data, tok, args, device, bf16))
+    # MLM and MLSM in both precisions, same run: what bf16 buys a training step.
+    by_precision = {precision: {m: results[m]["ms"] for m in ("mlm", "mlsm") if m in results}}
+    other = "fp32" if bf16 else "bf16"
+    by_precision[other] = {}
+    for mode in ("mlm", "mlsm"):
+        if mode in modes:
+            log.info("timing %s in %s", mode, other)
+            by_precision[other][mode] = trainer_mode(mode, config, data, tok, args, device, not bf16)["ms"]
     log.info("timing the loader alone")
     loader_tps = loader_alone(data, tok, args)
 
@@ -261,9 +271,13 @@ def main(argv=None) -> dict:
         "online_over_mlsm": ms["online"] / ms["mlsm"] if ms["online"] and ms["mlsm"] else None,
         "loader_tokens_per_s": loader_tps, "train_tokens_per_s": train_tps,
         "loader_over_train": loader_tps / train_tps if train_tps else None,
+        **{f"{m}_{p}_ms": by_precision[p].get(m) for p in ("fp32", "bf16") for m in ("mlm", "mlsm")},
+        "mlsm_bf16_over_fp32": (by_precision["bf16"]["mlsm"] / by_precision["fp32"]["mlsm"]
+                                if "mlsm" in by_precision["bf16"] else None),
+        "native_bf16": native_bf16(device),
         "mfu": mfu, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": args.model, "batch": args.batch_size, "tokens_per_batch": tokens, "padded_len": seq_len,
-        "masked_per_batch": masked, "K": int(args.K), "precision": "bf16" if bf16 else "fp32",
+        "masked_per_batch": masked, "K": int(args.K), "precision": precision,
         "compile": args.compile, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "codes": args.codes,
     }

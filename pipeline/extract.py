@@ -15,6 +15,7 @@ runs the encoder only on its own shards.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from mlsm.core import hf
 from mlsm.core.background import Drain, Prefetch
 from mlsm.core.config import ExtractConfig, recorded
-from mlsm.core.device import pick_device
+from mlsm.core.device import pick_device, resolve_precision
 from mlsm.core.errors import MLSMError
 from mlsm.core.layout import MANIFEST, PROGRESS, SHARD_GLOB, TOKENIZER_DIR, WORKERS_DIR, shard_name
 from mlsm.core.manifest import new_manifest, write_json_atomic
@@ -116,6 +117,10 @@ def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
     model_dir = hf.resolve_model_dir(cfg.aux)
     tokenizer = hf.load_tokenizer(model_dir)
     special = hf.special_token_ids(tokenizer)
+    dev = pick_device(cfg.device)
+    # The precision used, not the one asked for: "auto" differs between machines, and states made
+    # in bf16 and fp32 must never meet in one folder (the manifest refuses the mix, listing it).
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, dev))
     params = recorded(cfg)
     inputs = {
         "corpus": corpus_mod.corpus_fingerprint(paths),
@@ -133,13 +138,13 @@ def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
                  out_dir, old["tokens"])
         return old
 
-    dev = pick_device(cfg.device)
     encoder, config, _ = hf.load_encoder(cfg.aux, device=dev)
+    log.info("extract: auxiliary forward on %s in %s%s", dev, cfg.precision, " (autocast)" if cfg.precision == "bf16" else "")
     layers = list(cfg.layers)
     bad = [l for l in layers if not 0 <= l <= config.num_hidden_layers]
     if bad:
         raise MLSMError(f"layers {bad} do not exist: the auxiliary model has layers 0..{config.num_hidden_layers}.")
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     if rank.is_main:
         hf.copy_tokenizer_files(model_dir, out_dir / TOKENIZER_DIR)
 

@@ -122,6 +122,8 @@ def layer_report(cfg: LayerReportConfig) -> dict:
         per_layer.append(row)
     report = {
         "extract_dir": str(extract_dir), "aux": man.get("aux"), "layers": per_layer,
+        # the states' precision is the extract's: this command runs no forward pass of its own
+        "aux_precision": man["params"].get("precision", "not recorded"),
         "params": {"K": K, "lambda": lam, "samples": len(train_idx), "heldout": len(held_idx), "few": few,
                    "seed": seed, "seq_len": seq_len},
         "mlsm_version": __version__,
@@ -136,7 +138,8 @@ def layer_report(cfg: LayerReportConfig) -> dict:
 def markdown(report: dict) -> str:
     p = report["params"]
     lines = [
-        f"Layer report for `{report['extract_dir']}` (aux {report['aux']}): K={p['K']}, lambda={p['lambda']}, "
+        f"Layer report for `{report['extract_dir']}` (aux {report['aux']}, states in {report['aux_precision']}): "
+        f"K={p['K']}, lambda={p['lambda']}, "
         f"{p['samples']} training / {p['heldout']} held-out tokens, seed {p['seed']}.",
         "",
         "| layer | held-out objective | removed | nnz/token | empty codes | atoms used | usage entropy (norm.) "

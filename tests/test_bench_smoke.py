@@ -58,7 +58,8 @@ def test_bench_sparse_coding_gpu_script_runs_on_cpu():
 def test_bench_train(tiny):
     out = bench("train_throughput.py", "--codes", tiny / "codes" / "codes.h5", "--model", "tiny", "--batch-size", 4,
                 "--warmup", 1, "--iters", 2, "--loader-seconds", 0.2, "--layer", 6, "--device", "cpu", "--threads", 1)
-    for key in ("mlm_ms", "mlsm_ms", "mlsm_mlm_ms", "online_ms", "loader_tokens_per_s"):
+    for key in ("mlm_ms", "mlsm_ms", "mlsm_mlm_ms", "online_ms", "loader_tokens_per_s", "mlm_fp32_ms", "mlsm_fp32_ms",
+                "mlm_bf16_ms", "mlsm_bf16_ms"):
         assert out[key] > 0, key
 
 
@@ -67,6 +68,8 @@ def test_bench_extract(tiny):
                 "--shard-tokens", 300, "--batch-tokens", 512, "-k", 32, "--device", "cpu", "--out", tiny / "bx")
     assert out["tokens"] > 0 and out["extract_end_to_end_s"] > 0
     assert out["extract_tokens_per_s"] <= out["extract_stage_tokens_per_s"]  # end to end includes the setup
+    assert out["extract_bf16_tokens_per_s"] > 0
+    assert 0 <= out["bf16_target_tv_mean"] <= out["bf16_target_tv_p99"] <= 1 and 0 <= out["bf16_top1_agree"] <= 1
 
 
 def test_bench_memory(tiny):

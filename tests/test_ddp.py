@@ -28,7 +28,8 @@ NO_DROPOUT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, in
 def _cfg(data: Path, out: Path, **kw) -> PretrainConfig:
     args = dict(data=data, out_dir=out, steps=4, batch_size=16, lr=1e-2, warmup=0.25, model_overrides=NO_DROPOUT,
                 mlm_weight=1.0, max_len=16, log_every=1, save_every=2, device="cpu", progress=False,
-                milestones=False)  # checkpoints only where a test asks for them
+                milestones=False,  # checkpoints only where a test asks for them
+                precision="fp32")  # exact arithmetic on any CPU (auto is bf16 where it is native)
     args.update(kw)
     return PretrainConfig(**args)
 

@@ -45,7 +45,8 @@ def tokens_h5(tmp_path_factory) -> Path:
 def _cfg(data: Path, out: Path, **kw) -> PretrainConfig:
     args = dict(data=data, out_dir=out, steps=10, batch_size=8, lr=1e-2, warmup=0.1, model_overrides=SMALL,
                 max_len=16, log_every=1, device="cpu", progress=False,
-                milestones=False)  # checkpoints only where a test asks for them
+                milestones=False,  # checkpoints only where a test asks for them
+                precision="fp32")  # exact arithmetic on any CPU (auto is bf16 where it is native)
     args.update(kw)
     return PretrainConfig(**args)
 
@@ -86,8 +87,9 @@ def test_loss_falls_and_run_is_written(codes_h5, tmp_path):
     assert again["start_step"] == 30 and len(_metrics(run)) == 30
 
 
-def test_resume_is_bit_identical(codes_h5, tmp_path, monkeypatch):
-    kw = dict(grad_accum=2, mlm_weight=0.5, mask_policy="bert", save_every=5)  # dropout stays on
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16 autocast too: same machine, same bits
+def test_resume_is_bit_identical(codes_h5, tmp_path, monkeypatch, precision):
+    kw = dict(grad_accum=2, mlm_weight=0.5, mask_policy="bert", save_every=5, precision=precision)  # dropout stays on
     straight = tmp_path / "straight"
     run_pretrain(_cfg(codes_h5, straight, **kw))
 
@@ -240,3 +242,16 @@ def test_bf16_autocast_flag_on_cpu(codes_h5, tmp_path):
     assert a[0]["loss"] != b[0]["loss"]
     with pytest.raises(MLSMError, match="precision"):
         run_pretrain(_cfg(codes_h5, tmp_path / "x", precision="fp8"))
+
+
+def test_run_json_records_the_precision_used_and_a_resume_in_another_is_refused(codes_h5, tmp_path):
+    run = tmp_path / "run"
+    run_pretrain(_cfg(codes_h5, run, steps=2, save_every=1, precision="fp32"))
+    assert json.loads((run / "run.json").read_text())["config"]["precision"] == "fp32"
+    with pytest.raises(MLSMError, match=r"precision: 'fp32' -> 'bf16'"):
+        run_pretrain(_cfg(codes_h5, run, steps=4, save_every=1, precision="bf16"))
+    # A run recorded before the precision used was stored ("auto", which meant fp32 on a CPU) resumes in fp32.
+    doc = json.loads((run / "run.json").read_text())
+    doc["config"]["precision"] = "auto"
+    (run / "run.json").write_text(json.dumps(doc))
+    assert run_pretrain(_cfg(codes_h5, run, steps=3, save_every=1, precision="fp32"))["start_step"] == 2

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from mlsm import __version__
 from mlsm.core import hf
 from mlsm.core.config import FinetuneConfig
-from mlsm.core.device import pick_device
+from mlsm.core.device import pick_device, resolve_precision
 from mlsm.core.errors import MLSMError
 from mlsm.core.manifest import write_json_atomic
 from mlsm.trainer.scores import mean_std, scores
@@ -275,14 +275,16 @@ class Classifier(nn.Module):
 # --------------------------------------------------------------------------- one seed
 
 
-def predict(model: Classifier, data: list[Example], pad_id: int, device, batch: int) -> tuple[np.ndarray, np.ndarray]:
+def predict(model: Classifier, data: list[Example], pad_id: int, device, batch: int,
+            bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(gold, predicted) label ids over the scored units (examples, or labelled words)."""
     model.eval()
     golds, preds = [], []
     with torch.no_grad():
         for i in range(0, len(data), batch):
             b = collate(data[i:i + batch], pad_id, model.token_level, device)
-            p = model(b["ids"], b["mask"], b["types"]).argmax(-1)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                p = model(b["ids"], b["mask"], b["types"]).argmax(-1)
             keep = b["labels"] != -100
             golds.append(b["labels"][keep].cpu().numpy())
             preds.append(p[keep].cpu().numpy())
@@ -292,6 +294,7 @@ def predict(model: Classifier, data: list[Example], pad_id: int, device, batch: 
 def run_seed(cfg: FinetuneConfig, task: Task, encoded: dict[str, list[Example]], seed: int, device, pad_id: int) -> dict:
     """Fine-tune a fresh copy of the encoder with one seed; scores after the last epoch."""
     torch.manual_seed(seed)
+    bf16 = cfg.precision == "bf16"
     encoder, _, _ = hf.load_encoder(cfg.model, device=device)
     token_task = task.kind == "token"
     model = Classifier(encoder, len(task.labels), token_task).to(device)
@@ -310,8 +313,9 @@ def run_seed(cfg: FinetuneConfig, task: Task, encoded: dict[str, list[Example]],
                 break
             model.train()
             b = collate([train[j] for j in order[i:i + cfg.batch]], pad_id, token_task, device)
-            logits = model(b["ids"], b["mask"], b["types"])
-            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(b["ids"], b["mask"], b["types"])
+            loss = loss_fn(logits.float().reshape(-1, logits.shape[-1]), b["labels"].reshape(-1))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, sched)
             opt.zero_grad(set_to_none=True)
@@ -326,7 +330,7 @@ def run_seed(cfg: FinetuneConfig, task: Task, encoded: dict[str, list[Example]],
               "train_loss_last": float(np.mean(losses[-10:])), "train_s": round(time.time() - t0, 2)}
     for split in ("dev", "test"):
         if split in encoded:
-            gold, pred = predict(model, encoded[split], pad_id, device, max(cfg.batch, 64))
+            gold, pred = predict(model, encoded[split], pad_id, device, max(cfg.batch, 64), bf16)
             result[split] = {**scores(gold, pred, len(task.labels)), "n": int(len(gold))}
     return result
 
@@ -374,7 +378,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         model_name = f"{model_dir.parent.name}/{model_dir.name}"
     else:  # an alias (`minilm`) names itself; a folder by its name
         model_name = cfg.model if not Path(cfg.model).exists() else model_dir.name
-    cfg = dataclasses.replace(cfg, model=str(model_dir))
+    # results.json's config records the precision used (auto resolves per machine)
+    cfg = dataclasses.replace(cfg, model=str(model_dir), precision=resolve_precision(cfg.precision, device))
     task = load_task(cfg.task, cfg.text_cols, cfg.label_col)
     tok = hf.load_tokenizer(model_dir)
     tok.enable_truncation(max_length=cfg.max_len)

@@ -24,7 +24,7 @@ from mlsm import __version__
 from mlsm.core import hf
 from mlsm.core.bert import BertConfig, Student
 from mlsm.core.config import PretrainConfig
-from mlsm.core.device import pick_device
+from mlsm.core.device import pick_device, resolve_precision
 from mlsm.core.errors import MLSMError
 from mlsm.core.layout import TOKENIZER_DIR
 from mlsm.core.manifest import write_json_atomic
@@ -218,10 +218,12 @@ def _check_tokenizers(cfg: PretrainConfig, data: TokenData, tok_dir: Path, init_
     return tok, fp
 
 
-def _check_resume_config(old: dict, new: dict, latest_step: int) -> None:
+def _check_resume_config(old: dict, new: dict, latest_step: int, device_type: str = "cpu") -> None:
     # A setting added after the run was started counts as unchanged while it keeps its default.
     defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
     old = {**{k: defaults[k] for k in new if k not in old and k in defaults}, **old}
+    if old.get("precision") == "auto":  # recorded before runs stored the precision used: the rule of then
+        old["precision"] = "bf16" if device_type == "cuda" else "fp32"
     diff = sorted(k for k in set(old) | set(new) if k not in PretrainConfig.RESUMABLE and old.get(k) != new.get(k))
     if diff:
         what = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
@@ -250,7 +252,7 @@ def _prepare_run_dir(cfg: PretrainConfig, ckpts: Checkpoints, data_fp: str, tok_
                     f"{cfg.data} is not the data this run was trained on (its fingerprint changed). Point --data "
                     "at the original file, or start a new run directory."
                 )
-            _check_resume_config(old["config"], cfg.to_json(), latest[0])
+            _check_resume_config(old["config"], cfg.to_json(), latest[0], pick_device(cfg.device).type)
         else:
             log.info("%s has no usable checkpoint yet; starting afresh", cfg.out_dir)
     write_json_atomic(run_json, {"config": cfg.to_json(), "data_fingerprint": data_fp, "tokenizer_fingerprint": tok_fp,
@@ -346,6 +348,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     """
     cfg.validate()
     device = pick_device(cfg.device)
+    # run.json records the precision used; a resumed run must use the same one (auto resolves alike
+    # on the same machine; moving a run to a machine where it does not is refused, not silent).
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
     rank = join(device)
     try:
         with TokenData(cfg.data) as data:
@@ -357,7 +362,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
 def _train(cfg: PretrainConfig, data: TokenData, device: torch.device, rank: Rank) -> dict:
     ckpts = Checkpoints(cfg.out_dir, cfg.keep_last, keep=milestone_steps(cfg) | {cfg.steps})
     setup = prepare_run(cfg, data, rank, ckpts)
-    spec = StepSpec.of(cfg, bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"))
+    spec = StepSpec.of(cfg, bf16=cfg.precision == "bf16")
     num_atoms = data.K if spec.use_mlsm else None
     model = build_student(cfg, setup, num_atoms, spec.use_mlm).to(device)
     _describe(cfg, model, spec, rank, device)

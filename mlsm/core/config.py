@@ -143,7 +143,10 @@ def _worker_fields(what: str):
     )
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
 _DEVICE_HELP = "auto picks cuda when torch sees a GPU, else cpu."
+_PRECISION_HELP = ("auto: bf16 on CUDA and on CPUs with a native bf16 matmul (AMX, AVX512-BF16, Arm BF16), "
+                   "fp32 elsewhere (emulated bf16 is slower).")
 _FORCE_HELP = "Redo the stage, deleting its previous outputs in --out."
 _PROGRESS_HELP = "Progress bars (logs stay either way)."
 
@@ -173,6 +176,9 @@ class ExtractConfig:
                                  type=TokenCount(), record=True)
     shard_tokens: int = opt(200_000, "Tokens per Parquet shard.", record=True)
     batch_tokens: int = opt(8192, "Padded tokens per forward batch.")
+    precision: str = opt("auto", _PRECISION_HELP + " The auxiliary forward runs under bf16 autocast; shards store "
+                         "float16 either way. The manifest records the precision used.",
+                         type=click.Choice(PRECISIONS), record=True)
     worker_index: int | None = _worker_fields("shards")[0]
     num_workers: int | None = _worker_fields("shards")[1]
     device: str = opt("auto", _DEVICE_HELP)
@@ -251,7 +257,6 @@ class TokenizeConfig:
 
 
 OBJECTIVES = ("mlsm", "mlm")
-PRECISIONS = ("auto", "bf16", "fp32")
 MASK_POLICIES = ("mask", "bert")
 
 
@@ -280,7 +285,8 @@ class PretrainConfig:
     max_len: int = opt(128, "Longest sequence the student takes (the data's sequences must fit).")
     seed: int = opt(0, "Seed of the initialisation, the data order and the masks.")
     device: str = opt("auto", _DEVICE_HELP)
-    precision: str = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU.", type=click.Choice(PRECISIONS))
+    precision: str = opt("auto", _PRECISION_HELP + " bf16 is autocast; weights and optimizer stay fp32.",
+                         type=click.Choice(PRECISIONS))
     compile: bool = opt(False, "torch.compile the student.", flags=("--compile/--no-compile",))
     save_every: int = opt(0, "Also checkpoint every N steps (0: never).")
     milestones: bool = opt(True, "Checkpoint at 10/25/50/100% of the steps, as the paper reports.")
@@ -352,6 +358,8 @@ class FinetuneConfig:
                                             callback=lambda c, p, v: tuple(v.split(",")) if v else None)
     label_col: str | None = opt(None, "Label column by name or 0-based index.")
     device: str = opt("auto", _DEVICE_HELP)
+    precision: str = opt("auto", _PRECISION_HELP + " bf16 is autocast; weights and optimizer stay fp32.",
+                         type=click.Choice(PRECISIONS))
     progress: bool = opt(True, _PROGRESS_HELP)
 
     def validate(self) -> None:
