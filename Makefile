@@ -1,5 +1,5 @@
 # mlsm: every stage is a target; each one installs what it needs (`setup`) and skips finished work.
-#   make pretrain        corpus -> extract -> sparse-code -> pretrain on the defaults (~20 min, 2 CPU cores)
+#   make pretrain        corpus -> extract -> sparse-code -> pretrain on the defaults (6-8 min, 2 CPU cores)
 #   make test            the test suite
 # Paper scale is a variable away, e.g.:
 #   make pretrain TOKENS=all MODEL=medium STEPS=100000 BATCH=1024 DEVICE=cuda
@@ -18,7 +18,7 @@ PIP_LOCK    := $(if $(filter none,$(LOCK)),,-c $(LOCK))
 LOCK_DEP    := $(if $(filter none,$(LOCK)),,$(LOCK))
 
 # The laptop demo: the only values the Makefile chooses. They differ from the commands' defaults
-# (which reproduce the paper: see `mlsm <command> --help`) so that `make pretrain` takes ~20 min on
+# (which reproduce the paper: see `mlsm <command> --help`) so that `make pretrain` takes 6-8 min on
 # 2 cores. The layer is explicit, as the commands require.
 CORPUS      ?= data/corpus
 LAYER       ?= 6
