@@ -238,7 +238,8 @@ def _check_resume_config(old: dict, new: dict, latest_step: int, device_type: st
         )
 
 
-def _prepare_run_dir(cfg: PretrainConfig, ckpts: Checkpoints, data_fp: str, tok_fp: str) -> tuple[int, Path] | None:
+def _prepare_run_dir(cfg: PretrainConfig, ckpts: Checkpoints, data_fp: str, tok_fp: str,
+                     device: torch.device) -> tuple[int, Path] | None:
     """Rank 0: clean what a kill left, check a resumed run's settings, pick the checkpoint to resume."""
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     ckpts.remove_stale()
@@ -252,7 +253,7 @@ def _prepare_run_dir(cfg: PretrainConfig, ckpts: Checkpoints, data_fp: str, tok_
                     f"{cfg.data} is not the data this run was trained on (its fingerprint changed). Point --data "
                     "at the original file, or start a new run directory."
                 )
-            _check_resume_config(old["config"], cfg.to_json(), latest[0], pick_device(cfg.device).type)
+            _check_resume_config(old["config"], cfg.to_json(), latest[0], device.type)
         else:
             log.info("%s has no usable checkpoint yet; starting afresh", cfg.out_dir)
     write_json_atomic(run_json, {"config": cfg.to_json(), "data_fingerprint": data_fp, "tokenizer_fingerprint": tok_fp,
@@ -260,7 +261,8 @@ def _prepare_run_dir(cfg: PretrainConfig, ckpts: Checkpoints, data_fp: str, tok_
     return latest
 
 
-def prepare_run(cfg: PretrainConfig, data: TokenData, rank: Rank, ckpts: Checkpoints) -> RunSetup:
+def prepare_run(cfg: PretrainConfig, data: TokenData, rank: Rank, ckpts: Checkpoints,
+                device: torch.device) -> RunSetup:
     """Refuse data, settings and folders that cannot train this student; find the checkpoint to resume."""
     if cfg.objective == "mlsm" and not data.has_codes:
         raise MLSMError(
@@ -292,7 +294,7 @@ def prepare_run(cfg: PretrainConfig, data: TokenData, rank: Rank, ckpts: Checkpo
     latest, error = None, None
     if rank.is_main:  # the run folder is rank 0's; every rank learns which checkpoint to resume from
         try:
-            latest = _prepare_run_dir(cfg, ckpts, data_fp, tok_fp)
+            latest = _prepare_run_dir(cfg, ckpts, data_fp, tok_fp, device)
         except MLSMError as e:
             error = str(e)
     latest, error = rank.broadcast_object((latest, error))
@@ -360,8 +362,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
 
 
 def _train(cfg: PretrainConfig, data: TokenData, device: torch.device, rank: Rank) -> dict:
-    ckpts = Checkpoints(cfg.out_dir, cfg.keep_last, keep=milestone_steps(cfg) | {cfg.steps})
-    setup = prepare_run(cfg, data, rank, ckpts)
+    save_at = milestone_steps(cfg) | {cfg.steps}
+    ckpts = Checkpoints(cfg.out_dir, cfg.keep_last, keep=save_at)
+    setup = prepare_run(cfg, data, rank, ckpts, device)
     spec = StepSpec.of(cfg, bf16=cfg.precision == "bf16")
     num_atoms = data.K if spec.use_mlsm else None
     model = build_student(cfg, setup, num_atoms, spec.use_mlm).to(device)
@@ -390,7 +393,6 @@ def _train(cfg: PretrainConfig, data: TokenData, device: torch.device, rank: Ran
         return _summary(cfg, start, start, (rows[0]["loss"] if rows else None, rows[-1]["loss"] if rows else None),
                         0.0, 0, last_ckpt, device, skipped)
     extra = _checkpoint_json(cfg, setup, data, num_atoms)
-    save_at = milestone_steps(cfg) | {cfg.steps}
     if device.type == "cuda":  # on CPU a prefetch thread only competes with the compute threads
         batches = Prefetcher(batches, pin_memory=True)
 

@@ -134,13 +134,19 @@ def parse_layers(ctx, param, value) -> tuple[int, ...]:
         raise click.BadParameter("layers are integers, e.g. --layers 6 or --layers 2,4,6") from None
 
 
-def _worker_fields(what: str):
-    return (
-        opt(None, f"This worker's index (0..n-1); it takes {what} i, i+n, i+2n, ... Under torchrun RANK sets it.",
-            type=int, aliases=("--shard-index",)),
-        opt(None, "Number of workers sharing --out (under torchrun: WORLD_SIZE).", type=int,
-            aliases=("--num-shards",)),
-    )
+# Field factories for options several stages share (a dataclass field object serves one class only).
+def _worker_index():
+    return opt(None, "This worker's index (0..n-1); it takes shards i, i+n, i+2n, ... Under torchrun RANK sets it.",
+               type=int, aliases=("--shard-index",))
+
+
+def _num_workers():
+    return opt(None, "Number of workers sharing --out (under torchrun: WORLD_SIZE).", type=int,
+               aliases=("--num-shards",))
+
+
+def _precision(what: str, record: bool = False):
+    return opt("auto", _PRECISION_HELP + " " + what, type=click.Choice(PRECISIONS), record=record)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -151,7 +157,8 @@ _FORCE_HELP = "Redo the stage, deleting its previous outputs in --out."
 _PROGRESS_HELP = "Progress bars (logs stay either way)."
 
 
-def _workers_problems(index: int | None, count: int | None) -> list[str]:
+def worker_flag_problems(index: int | None, count: int | None) -> list[str]:
+    """What is wrong with --worker-index/--num-workers (the configs' and core.ranks.join's one check)."""
     if (index is None) != (count is None):
         return ["--worker-index and --num-workers go together (e.g. --worker-index 0 --num-workers 4)"]
     if count is not None and (count < 1 or not 0 <= index < count):
@@ -176,17 +183,16 @@ class ExtractConfig:
                                  type=TokenCount(), record=True)
     shard_tokens: int = opt(200_000, "Tokens per Parquet shard.", record=True)
     batch_tokens: int = opt(8192, "Padded tokens per forward batch.")
-    precision: str = opt("auto", _PRECISION_HELP + " The auxiliary forward runs under bf16 autocast; shards store "
-                         "float16 either way. The manifest records the precision used.",
-                         type=click.Choice(PRECISIONS), record=True)
-    worker_index: int | None = _worker_fields("shards")[0]
-    num_workers: int | None = _worker_fields("shards")[1]
+    precision: str = _precision("The auxiliary forward runs under bf16 autocast; shards store float16 either way. "
+                                "The manifest records the precision used.", record=True)
+    worker_index: int | None = _worker_index()
+    num_workers: int | None = _num_workers()
     device: str = opt("auto", _DEVICE_HELP)
     force: bool = opt(False, _FORCE_HELP)
     progress: bool = opt(True, _PROGRESS_HELP)
 
     def validate(self) -> None:
-        problems = _workers_problems(self.worker_index, self.num_workers)
+        problems = worker_flag_problems(self.worker_index, self.num_workers)
         if not self.layers:
             problems.append("give at least one layer (--layers)")
         if self.max_len < 3:
@@ -220,14 +226,14 @@ class SparseCodeConfig:
     dictionary_only: bool = opt(False, "Learn dictionary.h5 and stop: run this once before separate worker jobs "
                                        "(--worker-index).")
     seed: int = opt(0, "Seed of the dictionary sample and of its learning.", record=True)
-    worker_index: int | None = _worker_fields("shards")[0]
-    num_workers: int | None = _worker_fields("shards")[1]
+    worker_index: int | None = _worker_index()
+    num_workers: int | None = _num_workers()
     device: str = opt("auto", _DEVICE_HELP)
     force: bool = opt(False, _FORCE_HELP)
     progress: bool = opt(True, _PROGRESS_HELP)
 
     def validate(self) -> None:
-        problems = _workers_problems(self.worker_index, self.num_workers)
+        problems = worker_flag_problems(self.worker_index, self.num_workers)
         if self.values not in ("float32", "float16"):
             problems.append("--values-dtype must be float32 or float16")
         if not 1 <= self.K <= 65535:
@@ -285,8 +291,7 @@ class PretrainConfig:
     max_len: int = opt(128, "Longest sequence the student takes (the data's sequences must fit).")
     seed: int = opt(0, "Seed of the initialisation, the data order and the masks.")
     device: str = opt("auto", _DEVICE_HELP)
-    precision: str = opt("auto", _PRECISION_HELP + " bf16 is autocast; weights and optimizer stay fp32.",
-                         type=click.Choice(PRECISIONS))
+    precision: str = _precision("bf16 is autocast; weights and optimizer stay fp32.")
     compile: bool = opt(False, "torch.compile the student.", flags=("--compile/--no-compile",))
     save_every: int = opt(0, "Also checkpoint every N steps (0: never).")
     milestones: bool = opt(True, "Checkpoint at 10/25/50/100% of the steps, as the paper reports.")
@@ -301,7 +306,8 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
-        self.out_dir = Path(self.out_dir) if self.out_dir is not None else Path("runs") / f"{self.objective}-{self.model}"
+        default_out = Path("runs") / f"{self.objective}-{self.model}"
+        self.out_dir = Path(self.out_dir) if self.out_dir is not None else default_out
         self.init_from = None if self.init_from is None else Path(self.init_from)
 
     def validate(self) -> None:
@@ -358,8 +364,7 @@ class FinetuneConfig:
                                             callback=lambda c, p, v: tuple(v.split(",")) if v else None)
     label_col: str | None = opt(None, "Label column by name or 0-based index.")
     device: str = opt("auto", _DEVICE_HELP)
-    precision: str = opt("auto", _PRECISION_HELP + " bf16 is autocast; weights and optimizer stay fp32.",
-                         type=click.Choice(PRECISIONS))
+    precision: str = _precision("bf16 is autocast; weights and optimizer stay fp32.")
     progress: bool = opt(True, _PROGRESS_HELP)
 
     def validate(self) -> None:

@@ -17,6 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from mlsm.core.config import worker_flag_problems
 from mlsm.core.errors import MLSMError
 from mlsm.core.layout import worker_name
 
@@ -108,10 +109,7 @@ def join(device: torch.device | None = None, index: int | None = None, count: in
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
         log.info("DDP: rank %d of %d (%s)", rank, world, backend)
         return Rank(rank, world, local, launched=True, owns_group=True)
-    if (index is None) != (count is None):
-        raise MLSMError("--worker-index and --num-workers go together (e.g. --worker-index 0 --num-workers 4).")
-    if count is None:
-        return ONE_PROCESS
-    if count < 1 or not 0 <= index < count:
-        raise MLSMError(f"--worker-index must be in 0..{count - 1} and --num-workers >= 1 (got {index} of {count}).")
-    return Rank(index, count)
+    problems = worker_flag_problems(index, count)
+    if problems:
+        raise MLSMError(problems[0] + ".")
+    return ONE_PROCESS if count is None else Rank(index, count)
