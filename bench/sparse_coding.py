@@ -168,7 +168,8 @@ def main(argv=None):
 
     # ---- dictionary learning
     n_batches = max(1, samples // args.ours_batch)
-    ours_dict, dict_ours_s = timed(lambda: learn_dictionary(train, K=K, lam=lam, device=str(dev), progress=True, options=DictOptions(batch_size=args.ours_batch, n_iter=n_batches, seed=args.seed)))
+    options = DictOptions(batch_size=args.ours_batch, n_iter=n_batches, seed=args.seed)
+    ours_dict, dict_ours_s = timed(lambda: learn_dictionary(train, K=K, lam=lam, options=options, device=str(dev)))
     D = ours_dict.D.cpu().numpy()
     dict_res = {"ours": {"wall_s": dict_ours_s, "samples_seen": ours_dict.stats["samples_seen"],
                          "heldout_obj": objective(held, torch.from_numpy(D).to(dev), lam, tol=args.tol)}}

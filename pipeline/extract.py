@@ -139,7 +139,8 @@ def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
         return old
 
     encoder, config, _ = hf.load_encoder(cfg.aux, device=dev)
-    log.info("extract: auxiliary forward on %s in %s%s", dev, cfg.precision, " (autocast)" if cfg.precision == "bf16" else "")
+    log.info("extract: auxiliary forward on %s in %s%s", dev, cfg.precision,
+             " (autocast)" if cfg.precision == "bf16" else "")
     layers = list(cfg.layers)
     bad = [l for l in layers if not 0 <= l <= config.num_hidden_layers]
     if bad:

@@ -102,7 +102,8 @@ def layer_report(cfg: LayerReportConfig) -> dict:
     for layer in layers:
         X = l2_normalize_states(read_sample(extract_dir, shards, rows, layer), device)
         Xtr, Xho = X[torch.as_tensor(train_idx)], X[torch.as_tensor(held_idx)]
-        res = learn_dictionary(Xtr, K=K, lam=lam, device=device, progress=progress, options=DictOptions(seed=seed, init_samples=min(len(Xtr), 50_000)))
+        res = learn_dictionary(Xtr, K=K, lam=lam, options=DictOptions(seed=seed, init_samples=min(len(Xtr), 50_000)),
+                               device=device, progress=progress)
         codes = nn_lasso(Xho, res.D.to(Xho.device), lam, tol=1e-3)
         obj = float(codes.primal.double().mean())
         nnz = (codes.codes > 0).sum(1).double()

@@ -122,7 +122,8 @@ def _learn_dictionary(cfg: SparseCodeConfig, man: dict, device, dict_key: str):
     train, held = x[n_held:], x[:n_held]
     log.info("sparse-code: learning a %d x %d dictionary on %d vectors (%d held out)", x.shape[1], cfg.K, len(train),
              len(held))
-    result = learn_dictionary(train, K=cfg.K, lam=cfg.lam, device=str(device), heldout=held if len(held) else None, progress=cfg.progress, options=DictOptions(seed=cfg.seed))
+    result = learn_dictionary(train, K=cfg.K, lam=cfg.lam, options=DictOptions(seed=cfg.seed), device=str(device),
+                              heldout=held if len(held) else None, progress=cfg.progress)
     D = result.D.detach().float().cpu().contiguous()
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:

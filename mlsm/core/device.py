@@ -86,5 +86,6 @@ def resolve_precision(name: str, device: torch.device, flags: frozenset[str] | N
     native = native_bf16(device, flags, capability)
     if name == "bf16" and not native:
         log.warning("--precision bf16 on %s: this %s has no native bfloat16 matmul, so torch emulates it; it works "
-                    "but runs slower than fp32 (auto picks fp32 here).", device, "CPU" if device.type == "cpu" else "device")
+                    "but runs slower than fp32 (auto picks fp32 here).", device,
+                    "CPU" if device.type == "cpu" else "device")
     return "bf16" if name == "bf16" or native else "fp32"
