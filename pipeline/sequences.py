@@ -81,3 +81,18 @@ def limit_tokens(sequences: Iterable[np.ndarray], max_tokens: int | None) -> Ite
             return
         total += len(seq)
         yield seq
+
+
+def shard_bounds(seq_lengths: np.ndarray, shard_tokens: int) -> list[tuple[int, int]]:
+    """(first, end) sequence ids of each shard: the cuts `extract.cut_shards` makes on the same stream.
+
+    A shard closes at the first sequence that brings it to >= shard_tokens, so the cuts follow from
+    the sequence lengths alone: a reader of the packed stream finds them without tokenizing.
+    """
+    cum = np.cumsum(np.asarray(seq_lengths, dtype=np.int64))
+    bounds, first, base = [], 0, 0
+    while first < len(cum):
+        end = min(int(np.searchsorted(cum, base + shard_tokens, side="left")) + 1, len(cum))
+        bounds.append((first, end))
+        first, base = end, int(cum[end - 1])
+    return bounds

@@ -1,13 +1,17 @@
 """The sparse-code stage: learn the dictionary on a sample, then code every token once.
 
-Reads the extract shards one row group at a time (memory bounded by the dictionary sample and
-one batch), writes one part file per shard (resumable), and merges them into codes.h5.
+Two sources of hidden states, one coding loop: the staged path reads the extract shards one row
+group at a time; the fused path (`--from-tokens`, pipeline.fused) runs the auxiliary forward on
+each shard of a tokenized stream and codes its states in memory. Either writes one part file per
+shard (resumable), then finalizes codes.h5 over the parts (pipeline.finalize: nothing is copied).
 
-Several workers (pipeline.workers) code disjoint shards into the same parts folder; the worker
-that completes the set merges, so the result is the single-worker one. All of them must code with
-one dictionary: under torchrun rank 0 learns it while the others wait at a barrier; with
-`--worker-index/--num-workers` it is learnt first by `--dictionary-only` and the workers refuse to
-start without it (a dictionary learnt by every worker would differ on GPUs).
+The dictionary sample is the same rule on both paths: a seeded uniform sample of whole sequences
+(`dictionary_sample`), so the fused path runs the forward on those sequences alone.
+
+Several workers (pipeline.workers) code disjoint shards into the same parts folder. All of them
+must code with one dictionary: under torchrun rank 0 learns it while the others wait at a
+barrier; with `--worker-index/--num-workers` it is learnt first by `--dictionary-only` and the
+workers refuse to start without it (a dictionary learnt by every worker would differ on GPUs).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -28,7 +33,6 @@ from tqdm import tqdm
 from mlsm.core.config import SparseCodeConfig, recorded
 from mlsm.core.device import pick_device
 from mlsm.core.errors import MLSMError
-from mlsm.core.hf import load_tokenizer, tokenizer_fingerprint
 from mlsm.core.layout import (
     CODES,
     DICTIONARY,
@@ -42,15 +46,12 @@ from mlsm.core.layout import (
 )
 from mlsm.core.manifest import atomic_path, new_manifest, read_manifest, sha256_file, sha256_json, write_json_atomic
 from mlsm.core.ranks import Rank, join
-from mlsm.pipeline.codes import dense_to_csr, merge_parts, part_rows, top_k_codes, write_part
-from mlsm.pipeline.shards import iter_shard_batches, read_rows
-from mlsm.pipeline.solvers import auto_engine, nn_lasso
-from mlsm.pipeline.workers import BARRIER_TIMEOUT, merge_once, missing_workers, prepare_shared_stage, read_records
+from mlsm.pipeline.codes import dense_to_csr, part_rows, top_k_codes, write_part
+from mlsm.pipeline.shards import iter_shard_batches, open_shard, read_rows
+from mlsm.pipeline.solvers import nn_lasso
+from mlsm.pipeline.workers import BARRIER_TIMEOUT, prepare_shared_stage
 
 log = logging.getLogger(__name__)
-
-SOLVER_NAME = "nn_lasso: working set + certified duality gap"  # the engine that ran is in report.engine
-
 
 def l2_normalize_states(h: np.ndarray, device, eps: float = 1e-6) -> torch.Tensor:
     """x = h / max(||h||, eps), in float32; refuses NaN/Inf so they never poison the dictionary."""
@@ -85,12 +86,113 @@ def read_sample(extract_dir: Path, shards: list[dict], rows: np.ndarray, layer: 
     return np.concatenate(out)
 
 
+def dictionary_sample(seq_lengths: np.ndarray, n_train: int, n_held: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out, training) sequence ids, each sorted: whole sequences in a seeded random order,
+    held-out ones until they hold n_held tokens, then training ones until n_train more.
+
+    Every token is drawn with its sequence's probability, the same for all, so the sample is
+    uniform over the stream; and it names sequences, which the fused path runs the forward on
+    alone, where a token-level sample would need nearly every sequence.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(seq_lengths))
+    cum = np.cumsum(np.asarray(seq_lengths, dtype=np.int64)[order])
+    n_h = min(int(np.searchsorted(cum, n_held, side="left")) + 1, len(cum)) if n_held > 0 else 0
+    taken = int(cum[n_h - 1]) if n_h else 0
+    n_t = min(int(np.searchsorted(cum, taken + n_train, side="left")) + 1, len(cum))
+    return np.sort(order[:n_h]), np.sort(order[n_h:n_t])
+
+
+def dictionary_vectors(source, cfg: SparseCodeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) L2-normalised vectors of the dictionary sample, from either source."""
+    lengths = source.seq_lengths()
+    n_held = min(cfg.heldout, int(lengths.sum()) // 10)
+    held_ids, train_ids = dictionary_sample(lengths, cfg.dict_samples, n_held, cfg.seed)
+    held = source.sample_states(held_ids)[:n_held]
+    train = source.sample_states(train_ids)
+    train = train[np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.dict_samples]]
+    return l2_normalize_states(train, "cpu").numpy(), l2_normalize_states(held, "cpu").numpy()
+
+
 def sample_vectors(extract_dir: Path, shards: list[dict], layer: int, n: int, seed: int,
                    progress: bool = True) -> np.ndarray:
     """A seeded uniform sample of n token vectors, read shard by shard (only the rows needed)."""
     rng = np.random.default_rng(seed)
     sample = read_sample(extract_dir, shards, sample_rows(shards, n, rng), layer, progress)
     return sample[rng.permutation(len(sample))]
+
+
+class StagedSource:
+    """The shards of a finished `mlsm extract` folder."""
+
+    def __init__(self, cfg: SparseCodeConfig):
+        self.extract_dir = Path(cfg.extract_dir)
+        self.man = read_manifest(self.extract_dir, stage="extract", fix="mlsm extract (or make extract)")
+        self.cfg = dataclasses.replace(cfg, layer=_layer_to_code(self.man, cfg.layer, self.extract_dir))
+        self.inputs = {"extract_manifest": sha256_file(self.extract_dir / MANIFEST)}
+        self.plan = [{"index": j, "tokens": s["tokens"], "file": s["file"]} for j, s in enumerate(self.man["shards"])]
+        self.tokenizer_dir = self.extract_dir / TOKENIZER_DIR
+        self.hidden_size = self.man.get("d")
+        self.forward_s = 0.0
+
+    @property
+    def identity(self) -> dict:
+        """The auxiliary model and tokenizer the states come from (a dictionary records them)."""
+        return {k: self.man["inputs"].get(k) for k in ("aux_weights", "tokenizer")}
+
+    def describe(self) -> dict:
+        return {"extract_dir": str(self.extract_dir)}  # for the rebuild command in error messages
+
+    def shard_path(self, shard: dict) -> Path:
+        return self.extract_dir / shard["file"]
+
+    def seq_lengths(self) -> np.ndarray:
+        """Tokens per sequence of the whole stream, from the shards' seq_id columns."""
+        counts = []
+        for s in self.man["shards"]:
+            path = self.extract_dir / s["file"]
+            if not path.exists():
+                raise MLSMError(f"{path} is gone (deleted by --delete-hidden or make clean-hidden) and the dictionary "
+                                f"sample needs it; re-extract with `mlsm extract --force`.")
+            ids = open_shard(path).read(columns=["seq_id"]).column("seq_id").to_numpy()
+            counts.append(np.bincount(ids - s["seq_start"], minlength=s["sequences"]))
+        return np.concatenate(counts)
+
+    def sample_states(self, seq_ids: np.ndarray) -> np.ndarray:
+        """States of every token of these sorted sequences, in stream order."""
+        offs = np.concatenate([[0], np.cumsum(self.seq_lengths())])
+        lo, n = offs[seq_ids], offs[seq_ids + 1] - offs[seq_ids]
+        rows = np.repeat(lo - np.concatenate([[0], np.cumsum(n)[:-1]]), n) + np.arange(int(n.sum()))
+        if not len(rows):
+            return np.zeros((0, self.hidden_size or 0), np.float16)
+        return read_sample(self.extract_dir, self.man["shards"], rows, self.cfg.layer, self.cfg.progress)
+
+    def blocks(self, shard: dict) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        path = self.shard_path(shard)
+        if not path.exists():
+            raise MLSMError(f"{path} is missing and its codes were never written; re-extract with "
+                            f"`mlsm extract --force`.")
+        for rg in iter_shard_batches(path, self.cfg.layer):
+            yield rg["token_id"], rg["seq_id"], rg["hidden"]
+
+    def after_part(self, shard: dict) -> None:
+        if self.cfg.delete_hidden:  # write_part fsynced the part
+            self.shard_path(shard).unlink(missing_ok=True)
+
+
+def _layer_to_code(man: dict, layer: int | None, extract_dir: Path) -> int:
+    have = man["params"]["layers"]
+    if layer is None:
+        if len(have) != 1:
+            raise MLSMError(f"{extract_dir} holds layers {have}; choose one with --layer.")
+        return have[0]
+    if layer not in have:
+        raise MLSMError(f"layer {layer} was not extracted: {extract_dir} holds layers {have}. Run `mlsm extract "
+                        f"--layers {layer}` (or make extract LAYER={layer}), or pick one of those.")
+    return layer
+
+
+# --------------------------------------------------------------------------- the dictionary
 
 
 def _load_dictionary(path: Path, dict_key: str):
@@ -105,7 +207,45 @@ def _load_dictionary(path: Path, dict_key: str):
     return None
 
 
-def _learn_dictionary(cfg: SparseCodeConfig, man: dict, device, dict_key: str):
+def _write_dictionary(path: Path, D: np.ndarray, attrs: dict) -> None:
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("D", data=D)
+            f.attrs.update(attrs)
+
+
+def _dictionary_attrs(cfg: SparseCodeConfig, identity: dict, dict_key: str, stats: dict, d: int) -> dict:
+    return {"K": cfg.K, "d": d, "layer": cfg.layer, "lambda": cfg.lam, "params_key": dict_key,
+            "stats": json.dumps(stats), "aux_weights": identity["aux_weights"], "tokenizer": identity["tokenizer"],
+            "sample": "sequences"}
+
+
+def _adopt_dictionary(cfg: SparseCodeConfig, identity: dict, dict_key: str):
+    """--dictionary: code with a given dictionary.h5, once it is shown to fit these states."""
+    src = Path(cfg.dictionary)
+    fix = "learn one for these states (leave out --dictionary)"
+    try:
+        with h5py.File(src, "r") as f:
+            D, attrs = f["D"][:], dict(f.attrs)
+    except (OSError, KeyError) as e:
+        raise MLSMError(f"{src} is not a readable dictionary ({e}); {fix}.") from e
+    want = {"K": cfg.K, "layer": cfg.layer, "lambda": cfg.lam, **identity}
+    meaning = {"aux_weights": "another auxiliary model", "tokenizer": "another tokenizer", "layer": "another layer"}
+    for key, value in want.items():
+        got = attrs.get(key)
+        if got is None:
+            raise MLSMError(f"{src} does not record its {key} (it predates dictionaries that do): it cannot be "
+                            f"checked against these states; {fix}.")
+        same = abs(float(got) - float(value)) <= 1e-12 if key == "lambda" else str(got) == str(value)
+        if not same:
+            raise MLSMError(f"{src} was learnt with {meaning.get(key, key)} ({key} {str(got)[:12]} vs "
+                            f"{str(value)[:12]} here); {fix}, or pass the dictionary of these states.")
+    stats = json.loads(attrs.get("stats", "{}"))
+    _write_dictionary(Path(cfg.out) / DICTIONARY, D, {**attrs, "params_key": dict_key})
+    return torch.from_numpy(D), stats
+
+
+def _learn_dictionary(cfg: SparseCodeConfig, source, device, dict_key: str):
     from mlsm.pipeline.dictionary import DictOptions, learn_dictionary
 
     path = Path(cfg.out) / DICTIONARY
@@ -114,22 +254,15 @@ def _learn_dictionary(cfg: SparseCodeConfig, man: dict, device, dict_key: str):
         log.info("sparse-code: reusing the dictionary in %s", path)
         return found
     path.unlink(missing_ok=True)
-    total = sum(s["tokens"] for s in man["shards"])
-    n_held = min(cfg.heldout, total // 10)
-    raw = sample_vectors(Path(cfg.extract_dir), man["shards"], cfg.layer, cfg.dict_samples + n_held, cfg.seed,
-                         cfg.progress)
-    x = l2_normalize_states(raw, "cpu").numpy()
-    train, held = x[n_held:], x[:n_held]
-    log.info("sparse-code: learning a %d x %d dictionary on %d vectors (%d held out)", x.shape[1], cfg.K, len(train),
-             len(held))
+    if cfg.dictionary is not None:
+        return _adopt_dictionary(cfg, source.identity, dict_key)
+    train, held = dictionary_vectors(source, cfg)
+    log.info("sparse-code: learning a %d x %d dictionary on %d vectors (%d held out)", train.shape[1], cfg.K,
+             len(train), len(held))
     result = learn_dictionary(train, K=cfg.K, lam=cfg.lam, options=DictOptions(seed=cfg.seed), device=str(device),
                               heldout=held if len(held) else None, progress=cfg.progress)
     D = result.D.detach().float().cpu().contiguous()
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("D", data=D.numpy())
-            f.attrs.update(K=cfg.K, d=D.shape[0], layer=cfg.layer, **{"lambda": cfg.lam}, params_key=dict_key,
-                           stats=json.dumps(result.stats))
+    _write_dictionary(path, D.numpy(), _dictionary_attrs(cfg, source.identity, dict_key, result.stats, D.shape[0]))
     return D, result.stats
 
 
@@ -155,16 +288,23 @@ def _shared_dictionary(rank: Rank, cfg: SparseCodeConfig, dict_key: str, learn):
     return found
 
 
-def _code_shard(cfg: SparseCodeConfig, shard_path: Path, part: Path, D, gram, bar) -> int:
-    """Code one shard's tokens into a part file; returns the number of tokens."""
+# --------------------------------------------------------------------------- coding
+
+
+def _code_part(cfg: SparseCodeConfig, blocks, part: Path, D, gram, bar, attrs: dict) -> int:
+    """Code (token ids, sequence ids, states) blocks into one part file; returns the number of tokens.
+
+    Both sources hand over the same blocks (a Parquet shard's row groups), split into the same
+    solver batches: the staged and fused paths compute the same codes.
+    """
     lam = cfg.lam
     value_dtype = np.float16 if cfg.values == "float16" else np.float32
     toks, seqs, counts, idx, vals, gaps, recon = [], [], [], [], [], [], []
-    for rg in iter_shard_batches(shard_path, cfg.layer):
-        toks.append(rg["token_id"])
-        seqs.append(rg["seq_id"])
-        for b in range(0, len(rg["token_id"]), cfg.batch_size):
-            x = l2_normalize_states(rg["hidden"][b:b + cfg.batch_size], D.device)
+    for token_id, seq_id, hidden in blocks:
+        toks.append(token_id)
+        seqs.append(seq_id)
+        for b in range(0, len(token_id), cfg.batch_size):
+            x = l2_normalize_states(hidden[b:b + cfg.batch_size], D.device)
             res = nn_lasso(x, D, lam, tol=cfg.tol, gram=gram)
             a = res.codes
             # ||x - D a|| from the objective the solver already evaluated: a second full GEMM saved
@@ -178,12 +318,25 @@ def _code_shard(cfg: SparseCodeConfig, shard_path: Path, part: Path, D, gram, ba
     _, seq_lengths = np.unique(seq_ids, return_counts=True)
     write_part(part, np.concatenate(toks), seq_lengths, np.concatenate(counts), np.concatenate(idx),
                np.concatenate(vals), np.concatenate(gaps),
-               attrs={"recon_err_sum": float(np.concatenate(recon).sum()), "shard": shard_path.name})
+               attrs={"recon_err_sum": float(np.concatenate(recon).sum()), **attrs})
     return len(seq_ids)
 
 
+def _part_done(part: Path, tokens: int, dict_fp: str) -> bool:
+    """A part that reads back whole and was coded with this dictionary (else it is coded again)."""
+    if part_rows(part) != tokens:
+        return False
+    with h5py.File(part, "r") as f:
+        fp = f.attrs.get("dictionary_fingerprint")
+    if fp is not None and fp != dict_fp:
+        log.warning("%s was coded with another dictionary; it is coded again", part)
+        return False
+    return True
+
+
 def run_sparse_code(cfg: SparseCodeConfig) -> dict:
-    """Code this worker's shards; the worker that completes the set merges codes.h5 and writes the manifest.
+    """Code this worker's shards; then codes.h5 is finalized (by rank 0 under torchrun, else by the
+    worker that finds every part and every worker's record there).
 
     Returns the stage manifest, or (for a worker that is not last, or --dictionary-only) a
     record with complete=False and a "report".
@@ -196,24 +349,27 @@ def run_sparse_code(cfg: SparseCodeConfig) -> dict:
         rank.close()
 
 
-def _layer_to_code(man: dict, layer: int | None, extract_dir: Path) -> int:
-    have = man["params"]["layers"]
-    if layer is None:
-        if len(have) != 1:
-            raise MLSMError(f"{extract_dir} holds layers {have}; choose one with --layer.")
-        return have[0]
-    if layer not in have:
-        raise MLSMError(f"layer {layer} was not extracted: {extract_dir} holds layers {have}. Run `mlsm extract "
-                        f"--layers {layer}` (or make extract LAYER={layer}), or pick one of those.")
-    return layer
+# Parameters that only the fused path's forward uses: not recorded for the staged path.
+_FUSED_ONLY = ("shard_tokens", "precision")
 
 
 def _run_sparse_code(cfg: SparseCodeConfig, rank: Rank) -> dict:
-    extract_dir, out_dir = Path(cfg.extract_dir), Path(cfg.out)
-    man = read_manifest(extract_dir, stage="extract", fix="mlsm extract (or make extract)")
-    cfg = dataclasses.replace(cfg, layer=_layer_to_code(man, cfg.layer, extract_dir))
+    from mlsm.pipeline.finalize import finalize_codes
+
+    out_dir = Path(cfg.out)
+    if cfg.from_tokens is not None:
+        from mlsm.pipeline.fused import FusedSource
+
+        source = FusedSource(cfg)
+    else:
+        source = StagedSource(cfg)
+    cfg = source.cfg
     params = recorded(cfg)
-    inputs = {"extract_manifest": sha256_file(extract_dir / MANIFEST)}
+    if cfg.from_tokens is None:
+        params = {k: v for k, v in params.items() if k not in _FUSED_ONLY}
+    inputs = dict(source.inputs)
+    if cfg.dictionary is not None:
+        inputs["dictionary"] = sha256_file(cfg.dictionary)
     state, old = prepare_shared_stage(rank, out_dir, "sparse-code", params, inputs, cfg.force,
                                       [DICTIONARY, CODES, PARTS_DIR, TOKENIZER_DIR, WORKERS_DIR])
     if state == "done":
@@ -221,118 +377,54 @@ def _run_sparse_code(cfg: SparseCodeConfig, rank: Rank) -> dict:
         return old
     dev = pick_device(cfg.device)
     progress_doc = new_manifest("sparse-code", params, inputs)
-    progress_doc["extract_dir"] = str(extract_dir)  # for the rebuild command in error messages
+    progress_doc.update(source.describe(), shards=[{"index": s["index"], "tokens": s["tokens"]} for s in source.plan],
+                        tokenizer_fingerprint=source.identity["tokenizer"])
     write_json_atomic(out_dir / PROGRESS, progress_doc)
+    if rank.is_main and not (out_dir / TOKENIZER_DIR).exists():
+        with atomic_path(out_dir / TOKENIZER_DIR) as tmp:
+            shutil.copytree(source.tokenizer_dir, tmp)
 
     t0 = time.time()
-    dict_key = sha256_json({k: params[k] for k in ("layer", "K", "lambda", "dict_samples", "heldout", "seed")} | inputs)
-    D, dict_stats = _shared_dictionary(rank, cfg, dict_key, lambda: _learn_dictionary(cfg, man, dev, dict_key))
+    dict_key = sha256_json({k: params[k] for k in ("layer", "K", "lambda", "dict_samples", "heldout", "seed")}
+                           | inputs | {"sample": "sequences"})
+    D, dict_stats = _shared_dictionary(rank, cfg, dict_key, lambda: _learn_dictionary(cfg, source, dev, dict_key))
     t_dict = time.time() - t0
     if cfg.dictionary_only:
         log.info("sparse-code: dictionary ready in %s; now start the workers", out_dir / DICTIONARY)
         return {"complete": False, "report": {"dictionary": str(out_dir / DICTIONARY), "dictionary_s": round(t_dict, 1),
                                               **{k: dict_stats.get(k) for k in ("heldout_objective",) if k in dict_stats}}}
-    if man.get("d") is not None and tuple(D.shape) != (man["d"], cfg.K):
+    d = source.hidden_size
+    if d is not None and tuple(D.shape) != (d, cfg.K):
         raise MLSMError(f"{out_dir / DICTIONARY} is a {D.shape[0]} x {D.shape[1]} dictionary, but the hidden states "
-                        f"have d={man['d']} and K={cfg.K} was asked for; rebuild it with `mlsm sparse-code ... --force`.")
+                        f"have d={d} and K={cfg.K} was asked for; rebuild it with `mlsm sparse-code ... --force`.")
+    dict_fp = dictionary_fingerprint(D)
     D = D.to(dev)
     gram = D.T @ D
 
     parts_dir = out_dir / PARTS_DIR
     parts_dir.mkdir(exist_ok=True)
-    mine = [(i, s) for i, s in enumerate(man["shards"]) if rank.owns(i)]
-    bar = tqdm(total=sum(s["tokens"] for _, s in mine), unit="tok", unit_scale=True,
+    mine = [s for s in source.plan if rank.owns(s["index"])]
+    bar = tqdm(total=sum(s["tokens"] for s in mine), unit="tok", unit_scale=True,
                desc=f"sparse-code {rank.index}/{rank.count}", disable=not cfg.progress)
     t1 = time.time()
     coded = 0
-    for i, shard in mine:
-        part, shard_path = parts_dir / part_name(i), extract_dir / shard["file"]
-        if part_rows(part) != shard["tokens"]:  # missing, or damaged on disk
-            if not shard_path.exists():
-                raise MLSMError(f"{shard_path} is missing and its codes were never written; "
-                                f"re-extract with `mlsm extract --force`.")
-            coded += _code_shard(cfg, shard_path, part, D, gram, bar)
+    for shard in mine:
+        part = parts_dir / part_name(shard["index"])
+        if not _part_done(part, shard["tokens"], dict_fp):  # missing, damaged, or of another dictionary
+            attrs = {"shard": shard.get("file", str(shard["index"])), "dictionary_fingerprint": dict_fp}
+            coded += _code_part(cfg, source.blocks(shard), part, D, gram, bar, attrs)
         else:
             bar.update(shard["tokens"])
-        if cfg.delete_hidden and shard_path.exists():  # write_part fsynced the part
-            shard_path.unlink()
+        source.after_part(shard)
     bar.close()
     t_code = time.time() - t1
     record = {"worker": rank.index, "workers": rank.count, "device": str(dev), "dictionary_s": round(t_dict, 1),
-              "coding_s": round(t_code, 1), "coded_tokens": coded,
+              "coding_s": round(t_code, 1), "forward_s": round(source.forward_s, 1), "coded_tokens": coded,
               "coding_tokens_per_s": round(coded / t_code, 1) if coded and t_code > 0 else None}
     write_json_atomic(out_dir / WORKERS_DIR / f"{rank.name}.json", record)
-    manifest = merge_codes(extract_dir, out_dir, rank)
+    if rank.launched:  # every rank's parts are on disk after the barrier; rank 0 finalizes
+        rank.barrier()
+        manifest = finalize_codes(out_dir) if rank.is_main else None
+    else:
+        manifest = finalize_codes(out_dir, worker=rank)
     return manifest if manifest is not None else {**record, "complete": False, "report": record}
-
-
-def merge_codes(extract_dir: Path, out_dir: Path, worker: Rank) -> dict | None:
-    """Merge the parts into codes.h5 and write the manifest once every shard is coded and every worker
-    of this split has recorded its end; else None."""
-    return merge_once(out_dir, "sparse-code", lambda: _merge_codes(Path(extract_dir), Path(out_dir), worker))
-
-
-def _merge_codes(extract_dir: Path, out_dir: Path, worker: Rank) -> dict | None:
-    waiting = missing_workers(read_records(out_dir / WORKERS_DIR), worker, lambda r: "coding_s" in r)
-    if waiting:
-        log.info("sparse-code: workers %s of %d have not finished; the last one to finish merges", waiting,
-                 worker.count)
-        return None
-    man = read_manifest(extract_dir, stage="extract", fix="mlsm extract (or make extract)")
-    progress_doc = json.loads((out_dir / PROGRESS).read_text())
-    p = progress_doc["params"]
-    parts = [out_dir / PARTS_DIR / part_name(i) for i in range(len(man["shards"]))]
-    n_missing = sum(part_rows(q) != s["tokens"] for q, s in zip(parts, man["shards"], strict=True))
-    if n_missing:
-        log.info("sparse-code: %d of %d parts are done; the worker that codes the last one merges them",
-                 len(parts) - n_missing, len(parts))
-        return None
-    with h5py.File(out_dir / DICTIONARY, "r") as f:
-        D = f["D"][:]
-        dict_stats = json.loads(f.attrs["stats"])
-    recon_sum = 0.0
-    for q in parts:
-        with h5py.File(q, "r") as f:
-            recon_sum += float(f.attrs["recon_err_sum"])
-    tok_fp = tokenizer_fingerprint(load_tokenizer(extract_dir / TOKENIZER_DIR))
-    attrs = {
-        "lambda": p["lambda"], "K": p["K"], "layer": p["layer"], "solver": SOLVER_NAME, "tolerance": p["tol"],
-        "top_k": p["top_k"] or 0, "values_dtype": p["values"],
-        "extract_fingerprint": progress_doc["inputs"]["extract_manifest"],
-        "dictionary_fingerprint": dictionary_fingerprint(D),
-        "tokenizer_fingerprint": tok_fp,
-    }
-    value_dtype = np.float16 if p["values"] == "float16" else np.float32
-    total = man["tokens"]
-    stats = merge_parts(parts, out_dir / CODES, attrs, value_dtype)
-    if stats["tokens"] != total:
-        raise MLSMError(f"merged {stats['tokens']} tokens but the extract manifest lists {total}; re-run with --force.")
-    shutil.rmtree(out_dir / TOKENIZER_DIR, ignore_errors=True)
-    shutil.copytree(extract_dir / TOKENIZER_DIR, out_dir / TOKENIZER_DIR)
-    shutil.rmtree(out_dir / PARTS_DIR)
-
-    records = read_records(out_dir / WORKERS_DIR)
-    coded = sum(r["coded_tokens"] for r in records)
-    t_code = max((r["coding_s"] for r in records), default=0.0)
-    report = {
-        "tokens": total,
-        "nnz_per_token": round(stats["nnz"] / total, 2),
-        "bytes_per_token": round(stats["bytes"] / total, 1),
-        "codes_bytes": stats["bytes"],
-        "rel_recon_error": round(recon_sum / total, 4),
-        "zero_code_tokens": stats["zero_rows"],
-        "gap_mean": stats.get("gap_mean"), "gap_p99": stats.get("gap_p99"), "gap_max": stats.get("gap_max"),
-        "dictionary_s": max((r["dictionary_s"] for r in records), default=None),
-        "coding_s": t_code,
-        "coding_tokens_per_s": round(coded / t_code, 1) if coded and t_code > 0 else None,
-        "device": ",".join(sorted({r["device"] for r in records})),
-        "engine": ",".join(sorted({auto_engine(torch.device(r["device"]).type, D.shape[0]) for r in records})),
-        "workers": len(records),
-    }
-    manifest = dict(progress_doc)
-    manifest.update(complete=True, solver=SOLVER_NAME, dictionary=dict_stats, report=report,
-                    tokenizer_fingerprint=tok_fp, tokens=total)
-    write_json_atomic(out_dir / MANIFEST, manifest)
-    (out_dir / PROGRESS).unlink(missing_ok=True)
-    log.info("sparse-code: %s", json.dumps(report))
-    return manifest

@@ -3,18 +3,16 @@
 Shard j of a stage belongs to worker j mod n. A worker is a `core.ranks.Rank`: given explicitly
 (`--worker-index i --num-workers n`, e.g. one job per node of a cluster scheduler) or taken from
 torchrun's RANK / WORLD_SIZE. Every worker records what it finished in its own file, so no two
-processes ever write the same file; the worker that finds all shards done merges them, under an
-exclusive lock on `merge.lock` (an OS lock, released if the process dies, so a killed merge never
-blocks the next try). Re-running any worker after its work is done only retries the merge.
+processes ever write the same file; the worker that finds all shards done merges them. No lock is
+taken: a merge writes under a temp name and renames, and two merges at once write the same bytes.
+Re-running any worker after its work is done only retries the merge.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,38 +27,19 @@ log = logging.getLogger(__name__)
 BARRIER_TIMEOUT = timedelta(hours=48)
 
 
-@contextlib.contextmanager
-def merge_lock(folder: Path) -> Iterator[bool]:
-    """Yield True if this process holds the folder's merge lock, False if another one does."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "merge.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def merge_once(folder: Path, stage: str, merge: Callable[[], dict | None]) -> dict | None:
-    """Run `merge` (which writes the stage's manifest, or returns None while work is missing) at most once.
+    """The finished manifest, or `merge()` (which writes it, or returns None while work is missing).
 
-    Safe to call from every worker at any time: one merges under the folder's lock; the others
-    see the lock (None) or the finished manifest.
+    Safe to call from every worker at any time, with no lock (many cluster filesystems do not
+    honour flock): merge() renames whole files into place, and two workers merging at once write
+    the same bytes, so the second rename changes nothing.
     """
     folder = Path(folder)
-    with merge_lock(folder) as mine:
-        if not mine:
-            log.info("%s: another worker is merging %s", stage, folder)
-            return None
-        if (folder / MANIFEST).exists():
-            done = json.loads((folder / MANIFEST).read_text())
-            if done.get("complete"):
-                return done
-        return merge()
+    if (folder / MANIFEST).exists():
+        done = json.loads((folder / MANIFEST).read_text())
+        if done.get("complete"):
+            return done
+    return merge()
 
 
 def prepare_shared_stage(worker: Rank, out_dir: Path, stage: str, params: dict, inputs: dict, force: bool,

@@ -173,6 +173,9 @@ def worker_flag_problems(index: int | None, count: int | None) -> list[str]:
 class ExtractConfig:
     corpus: str = opt("data/corpus", "A .txt/.txt.gz/.jsonl file, a folder of them, or a glob.")
     out: Path = opt(Path("data/extract"), "Output folder.")
+    tokens: Path | None = opt(None, "A `mlsm tokenize` folder to read instead of --corpus: the corpus is tokenized "
+                                    "once, and each worker reads only its shards' sequences (--max-len and "
+                                    "--max-tokens then come from it).", type=click.Path(path_type=Path))
     aux: str | None = opt(None, "Auxiliary encoder: 'minilm' (default, the embedded all-MiniLM-L6-v2), a local HF "
                                 "BERT directory, or one of our runs/checkpoints.")
     layers: tuple[int, ...] = opt((), "Layer(s) to store, HF numbering (0 = embeddings, i = block i). Explicit on "
@@ -207,6 +210,13 @@ class ExtractConfig:
 class SparseCodeConfig:
     extract_dir: Path = opt(Path("data/extract"), "Output folder of `mlsm extract`.")
     out: Path = opt(Path("data/codes"), "Output folder.")
+    from_tokens: Path | None = opt(None, "The fused path: a `mlsm tokenize` folder. The auxiliary forward runs here, "
+                                         "shard by shard, and each shard's states are coded while in memory: no "
+                                         "hidden states are written (and --extract-dir is not used).",
+                                   type=click.Path(path_type=Path))
+    aux: str | None = opt(None, "With --from-tokens: the auxiliary encoder, as for `mlsm extract --aux`.")
+    dictionary: Path | None = opt(None, "Code with this dictionary.h5 (of the same auxiliary model, layer, K and "
+                                        "lambda) instead of learning one.", type=click.Path(path_type=Path))
     layer: int | None = opt(None, "Which extracted layer to code (needed if several were extracted).", type=int,
                             record=True)
     K: int = opt(3000, "Dictionary size (number of latent semantic properties).", flags=("-k", "--K"), record=True)
@@ -226,6 +236,10 @@ class SparseCodeConfig:
     dictionary_only: bool = opt(False, "Learn dictionary.h5 and stop: run this once before separate worker jobs "
                                        "(--worker-index).")
     seed: int = opt(0, "Seed of the dictionary sample and of its learning.", record=True)
+    shard_tokens: int = opt(200_000, "With --from-tokens: tokens per part (the unit of resumption), cut as "
+                                     "`mlsm extract` cuts its shards.", record=True)
+    batch_tokens: int = opt(8192, "With --from-tokens: padded tokens per forward batch.")
+    precision: str = _precision("With --from-tokens: the auxiliary forward, as for `mlsm extract`.", record=True)
     worker_index: int | None = _worker_index()
     num_workers: int | None = _num_workers()
     device: str = opt("auto", _DEVICE_HELP)
@@ -244,6 +258,10 @@ class SparseCodeConfig:
             problems.append(f"need --lambda >= 0 and --tol > 0 (got {self.lam}, {self.tol})")
         if self.dict_samples < 1 or self.heldout < 0 or self.batch_size < 1:
             problems.append("--dict-samples and --batch-size must be positive, --heldout >= 0")
+        if self.shard_tokens < 1 or self.batch_tokens < 1:
+            problems.append("--shard-tokens and --batch-tokens must be positive")
+        if self.from_tokens is not None and self.delete_hidden:
+            problems.append("--delete-hidden has nothing to delete with --from-tokens (no hidden states are written)")
         check(problems, "sparse-code")
 
 

@@ -163,6 +163,8 @@ _INPUT_MEANING = {
     "aux_weights": "the auxiliary model's weights are different",
     "tokenizer": "the tokenizer (vocabulary or normalisation) is different",
     "extract_manifest": "the extract stage's output changed since (it was re-run or edited)",
+    "tokens": "the token stream (the `mlsm tokenize` folder) is another one, or was re-made",
+    "dictionary": "--dictionary names another dictionary file",
 }
 
 
