@@ -215,13 +215,19 @@ def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
     if done:
         log.info("extract: %d shards already finished; %s resumes", len(done), rank.name)
 
-    total = {"shards": 0}
+    total = {"shards": 0, "packing_s": 0.0}
 
     def work():
         """(index, first sequence, its sequences or None when not ours to compute, tokens) per shard."""
-        for index, first, seqs, n_tokens in source.shards(lambda j: rank.owns(j) and j not in done):
-            total["shards"] = index + 1
-            yield index, first, seqs, n_tokens
+        shards = source.shards(lambda j: rank.owns(j) and j not in done)
+        while True:
+            tp = time.time()
+            item = next(shards, None)
+            total["packing_s"] += time.time() - tp  # tokenizing + packing, or reading the token stream
+            if item is None:
+                return
+            total["shards"] = item[0] + 1
+            yield item
 
     def write(item):
         index, first, seqs, hidden = item
@@ -259,7 +265,7 @@ def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
     if total["shards"] == 0:
         source.require_nonempty()
     record.update(total_shards=total["shards"], corpus_stats=source.corpus_stats(), wall_s=round(wall, 2),
-                  forward_s=round(t_forward, 2), new_tokens=new_tokens,
+                  forward_s=round(t_forward, 2), packing_s=round(total["packing_s"], 2), new_tokens=new_tokens,
                   tokens_per_s=round(new_tokens / wall, 1) if wall > 0 and new_tokens else None)
     write_json_atomic(record_path, record)
     log.info("extract: %s finished its shards (%d new tokens, %.0f tokens/s)", rank.name, new_tokens,
@@ -301,7 +307,7 @@ def _merge_extract(out_dir: Path, worker: Rank) -> dict | None:
         corpus_stats=finished[0]["corpus_stats"],
         wall_s=wall,
         device=",".join(sorted({r["device"] for r in finished})),
-        workers=[{k: r.get(k) for k in ("worker", "workers", "device", "wall_s", "forward_s", "new_tokens",
+        workers=[{k: r.get(k) for k in ("worker", "workers", "device", "wall_s", "forward_s", "packing_s", "new_tokens",
                                         "tokens_per_s")} for r in finished],
     )
     new_tokens = sum(r.get("new_tokens", 0) for r in finished)
