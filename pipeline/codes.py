@@ -267,22 +267,75 @@ def _plain(v):
     return v
 
 
-class CodeSlices:
-    """CSR rows of a set of sequences held in memory (read by `TokenData.read_codes`), addressed by
-    global token index."""
+SCAN_ROWS = 1 << 18  # elements per read when a whole dataset must be scanned (1 MB of int32)
 
-    def __init__(self, run_tok_starts, run_row_starts, indptr, indices, values):
-        self.run_tok_starts = run_tok_starts
+
+class WindowSlices:
+    """Tokens (and CSR rows) of a set of sequences held in memory, read by `TokenData.read_window`,
+    addressed by global token index (the position in the file's token stream).
+
+    They come as runs of whole sequences: run r is the stream's tokens run_tok_starts[r] ..
+    run_tok_ends[r]-1, held as rows run_row_starts[r].. of `tokens` and of the CSR (indptr,
+    indices, values). The CSR is None when the window was read without codes.
+    """
+
+    def __init__(self, run_tok_starts, run_tok_ends, run_row_starts, tokens, indptr=None, indices=None, values=None):
+        self.run_tok_starts, self.run_tok_ends = run_tok_starts, run_tok_ends
         self.run_row_starts = run_row_starts
+        self.tokens = tokens
         self.indptr, self.indices, self.values = indptr, indices, values
 
+    @property
+    def has_codes(self) -> bool:
+        return self.indptr is not None
+
+    def _runs(self, token_index: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.run_tok_starts, token_index, side="right") - 1
+
+    def holds(self, token_index: np.ndarray) -> np.ndarray:
+        """Whether each of these stream positions is in the window."""
+        token_index = np.asarray(token_index, dtype=np.int64)
+        if not len(self.run_tok_ends):
+            return np.zeros(token_index.shape, dtype=bool)
+        r = self._runs(token_index)
+        return (r >= 0) & (token_index < self.run_tok_ends[np.maximum(r, 0)])
+
     def rows_of(self, token_index: np.ndarray) -> np.ndarray:
-        r = np.searchsorted(self.run_tok_starts, token_index, side="right") - 1
+        """Rows of `tokens` and of the CSR of these stream positions (which the window must hold)."""
+        r = self._runs(token_index)
         return self.run_row_starts[r] + (token_index - self.run_tok_starts[r])
 
 
+def _mapped_or_loaded(ds: h5py.Dataset, path: Path) -> np.ndarray:
+    """A 1-D int64 dataset as a read-only memmap of the file when its bytes lie there as they are
+    (contiguous layout, no filters, no external or virtual storage, native int64), else loaded."""
+    plain = (not ds.is_virtual and ds.chunks is None and ds.external is None and ds.compression is None
+             and ds.id.get_create_plist().get_nfilters() == 0 and ds.dtype == np.dtype(np.int64) and ds.size)
+    offset = ds.id.get_offset() if plain else None
+    if offset is not None:
+        return np.memmap(path, dtype=np.int64, mode="r", offset=offset, shape=ds.shape)
+    return ds[:].astype(np.int64, copy=False)
+
+
+def _step_range(offs: np.ndarray) -> tuple[int, int]:
+    """Smallest and largest difference between consecutive offsets, SCAN_ROWS at a time."""
+    lo, hi = None, None
+    for i in range(0, len(offs) - 1, SCAN_ROWS):
+        d = np.diff(offs[i : i + SCAN_ROWS + 1])
+        lo = int(d.min()) if lo is None else min(lo, int(d.min()))
+        hi = int(d.max()) if hi is None else max(hi, int(d.max()))
+    return lo, hi
+
+
 class TokenData:
-    """An opened codes.h5 or tokens.h5: tokens in memory, codes read from disk on demand."""
+    """An opened codes.h5 or tokens.h5; the token stream and the codes are read from disk on demand.
+
+    Memory does not grow with the corpus but for /seq_offsets (8 B per sequence: 1/64 of the stream's
+    bytes for 128-token sequences): a read-only memmap of the file when that dataset is stored contiguous and unfiltered,
+    loaded into memory otherwise (chunked, compressed or virtual, as `mlsm sparse-code` writes it).
+    `read_window` reads the tokens and codes of a set of sequences; /tokens, /codes/* are only ever
+    sliced, so they may be virtual datasets over part files.
+    """
 
     def __init__(self, path: str | Path, pad_id: int = 0):
         self.path = Path(path)
@@ -301,20 +354,27 @@ class TokenData:
             if name not in f:
                 self.close()
                 raise MLSMError(f"{self.path} has no /{name}; it is not a training set. Re-run the stage that wrote it.")
-        self.tokens = f["tokens"][:].astype(np.int32, copy=False)
-        self.seq_offsets = f["seq_offsets"][:].astype(np.int64, copy=False)
+        gone = missing_sources(f)  # HDF5 would read fill values in their place
+        if gone:
+            self.close()
+            raise MLSMError(f"{self.path} reads its data from {len(gone)} part file(s) that are gone (e.g. "
+                            f"{self.path.parent / gone[0]}). Restore them, or rebuild with the stage's --force.")
+        self._tokens = f["tokens"]
+        self.seq_offsets = _mapped_or_loaded(f["seq_offsets"], self.path)
         self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
         offs = self.seq_offsets
-        if len(offs) < 2 or offs[0] != 0 or offs[-1] != len(self.tokens) or (np.diff(offs) <= 0).any():
+        steps = _step_range(offs) if len(offs) >= 2 else (0, 0)
+        if len(offs) < 2 or offs[0] != 0 or offs[-1] != self.num_tokens or steps[0] <= 0:
             self.close()
             raise MLSMError(f"{self.path} has inconsistent /seq_offsets; the file is damaged. Re-create it.")
-        self.seq_lengths = np.diff(offs)
+        self.max_seq_len = steps[1]
+        self._max_token_id: int | None = None
         self.has_codes = "codes" in f
         self.K: int | None = None
         if self.has_codes:
             g = f["codes"]
             self._indptr, self._indices, self._values = g["indptr"], g["indices"], g["values"]
-            if self._indptr.shape[0] != len(self.tokens) + 1:
+            if self._indptr.shape[0] != self.num_tokens + 1:
                 self.close()
                 raise MLSMError(f"{self.path}: /codes/indptr does not have one row per token; re-run `mlsm sparse-code`.")
             if "K" not in self.attrs:
@@ -324,19 +384,29 @@ class TokenData:
 
     @property
     def num_sequences(self) -> int:
-        return len(self.seq_lengths)
+        return len(self.seq_offsets) - 1
 
     @property
     def num_tokens(self) -> int:
-        return len(self.tokens)
+        return int(self._tokens.shape[0])
+
+    def lengths(self, seq_ids) -> np.ndarray:
+        """Lengths of these sequences."""
+        seq_ids = np.asarray(seq_ids, dtype=np.int64)
+        return np.asarray(self.seq_offsets[seq_ids + 1] - self.seq_offsets[seq_ids])
 
     @property
     def max_token_id(self) -> int:
-        return int(self.tokens.max())
-
-    @property
-    def max_seq_len(self) -> int:
-        return int(self.seq_lengths.max())
+        """The file's attribute max_token_id when it has one, else one scan of /tokens (SCAN_ROWS at a
+        time, never the whole stream at once); remembered either way."""
+        if self._max_token_id is None:
+            if "max_token_id" in self.attrs:
+                self._max_token_id = int(self.attrs["max_token_id"])
+            else:
+                ds, n = self._tokens, self.num_tokens
+                step = SCAN_ROWS if ds.chunks is None else max(1, SCAN_ROWS // ds.chunks[0]) * ds.chunks[0]
+                self._max_token_id = max((int(ds[i : i + step].max()) for i in range(0, n, step)), default=-1)
+        return self._max_token_id
 
     def fingerprint(self) -> str:
         """Cheap identity of the data: attributes and sizes (hashing hundreds of GB is not cheap)."""
@@ -355,8 +425,9 @@ class TokenData:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def read_codes(self, seq_ids, max_gap: int = 16) -> CodeSlices:
-        """Read the CSR rows of these sequences: one contiguous slice per run of nearby ids.
+    def read_window(self, seq_ids, max_gap: int = 16, with_codes: bool = True) -> WindowSlices:
+        """Read the tokens of these sequences, and their CSR rows when `with_codes` and the file has
+        codes: one contiguous slice of each dataset per run of nearby ids.
 
         Runs separated by at most `max_gap` unwanted sequences are read as one slice: a few
         extra rows cost less than another HDF5 call (a DDP rank's share of a window is such a
@@ -364,24 +435,31 @@ class TokenData:
         """
         s = np.unique(np.asarray(seq_ids, dtype=np.int64))
         breaks = np.flatnonzero(np.diff(s) > max_gap + 1) + 1
-        run_first = s[np.r_[0, breaks]]
-        run_last = s[np.r_[breaks - 1, len(s) - 1]]
-        tok_lo, tok_hi = self.seq_offsets[run_first], self.seq_offsets[run_last + 1]
-        ips, ixs, vals, row_starts = [np.zeros(1, np.int64)], [], [], []
-        nnz = rows = 0
+        run_first = s[np.r_[0, breaks]] if len(s) else s
+        run_last = s[np.r_[breaks - 1, len(s) - 1]] if len(s) else s
+        tok_lo = np.asarray(self.seq_offsets[run_first], dtype=np.int64)
+        tok_hi = np.asarray(self.seq_offsets[run_last + 1], dtype=np.int64)
+        row_starts = np.cumsum(tok_hi - tok_lo) - (tok_hi - tok_lo)
+        with_codes = with_codes and self.has_codes
+        toks, ips, ixs, vals = [np.zeros(0, np.int32)], [np.zeros(1, np.int64)], [np.zeros(0, np.uint16)], []
+        nnz = 0
         for lo, hi in zip(tok_lo.tolist(), tok_hi.tolist(), strict=True):
-            ip = self._indptr[lo : hi + 1].astype(np.int64)
-            ixs.append(self._indices[ip[0] : ip[-1]])
-            vals.append(self._values[ip[0] : ip[-1]])
-            ips.append(ip[1:] - ip[0] + nnz)
-            row_starts.append(rows)
-            nnz += int(ip[-1] - ip[0])
-            rows += hi - lo
+            toks.append(self._tokens[lo:hi])
+            if with_codes:
+                ip = self._indptr[lo : hi + 1].astype(np.int64)
+                ixs.append(self._indices[ip[0] : ip[-1]])
+                vals.append(self._values[ip[0] : ip[-1]])
+                ips.append(ip[1:] - ip[0] + nnz)
+                nnz += int(ip[-1] - ip[0])
+        tokens = np.concatenate(toks).astype(np.int32, copy=False)
+        log.debug("read %d sequences: %d slices, %d tokens, %d nonzeros", len(s), len(tok_lo), len(tokens), nnz)
+        if not with_codes:
+            return WindowSlices(tok_lo, tok_hi, row_starts, tokens)
         indices = np.concatenate(ixs)
-        log.debug("read codes of %d sequences: %d slices, %d nonzeros", len(s), len(tok_lo), nnz)
         if len(indices) and int(indices.max()) >= self.K:
             raise MLSMError(f"{self.path} has atom indices >= K={self.K}; the file is damaged. Re-run `mlsm sparse-code`.")
-        return CodeSlices(tok_lo, np.asarray(row_starts, dtype=np.int64), np.concatenate(ips), indices, np.concatenate(vals))
+        values = np.concatenate(vals) if vals else np.zeros(0, self._values.dtype)
+        return WindowSlices(tok_lo, tok_hi, row_starts, tokens, np.concatenate(ips), indices, values)
 
 
 # --------------------------------------------------------------------------- checking

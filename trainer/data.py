@@ -1,10 +1,12 @@
 """codes.h5 / tokens.h5 → dynamically masked training batches with their sparse MLSM targets.
 
-The token stream is small (4 B/token) and lives in memory. The CSR codes can be hundreds of GB,
-so they are read per *window*: an epoch visits blocks of contiguous sequences in a seeded random
-order, and a window of a few thousand sequences (whole batches) is read with one contiguous slice
-per block, then shuffled in memory. That keeps HDF5 reads large and sequential while batches still
-mix many parts of the corpus.
+Neither the token stream (4 B/token) nor the CSR codes (hundreds of GB) is held whole: both are
+read per *window*. An epoch visits blocks of contiguous sequences in a seeded random order, and a
+window of a few thousand sequences (whole batches) is read with one contiguous slice of each
+dataset per block, then shuffled in memory. That keeps HDF5 reads large and sequential while
+batches still mix many parts of the corpus, and memory bounded by the window whatever the number
+of tokens: what is kept whole is per sequence (the epoch's order and /seq_offsets, 8 B each; see
+`TokenData`).
 
 Everything random is a pure function of (seed, epoch, batch index), so the data position
 (epoch, batch) is all a checkpoint needs to resume exactly. `Prefetcher` prepares the next steps
@@ -23,7 +25,7 @@ from mlsm.core.background import Prefetch
 from mlsm.core.config import MASK_POLICIES
 from mlsm.core.errors import MLSMError
 from mlsm.core.ranks import ONE_PROCESS, Rank
-from mlsm.pipeline.codes import CodeSlices, TokenData
+from mlsm.pipeline.codes import TokenData, WindowSlices
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +60,16 @@ def codes_to_distributions(indptr: np.ndarray, indices: np.ndarray, values: np.n
 
 @dataclass
 class Batch:
-    """Unmasked sequences, padded; `token_index` maps each position to the file's token stream (-1: pad)."""
+    """Unmasked sequences, padded; `token_index` maps each position to the file's token stream (-1: pad).
+
+    `codes` is the window the rows were read from when it holds their codes (None: no targets).
+    """
 
     seq_ids: np.ndarray
     input_ids: torch.Tensor  # (B, T) int64
     attention_mask: torch.Tensor  # (B, T) int64
     token_index: np.ndarray  # (B, T) int64
-    codes: CodeSlices | None
+    codes: WindowSlices | None
 
     def rows(self, r0: int, r1: int) -> Batch:
         """Rows r0..r1-1, trimmed to their own longest sequence."""
@@ -99,28 +104,44 @@ class Batch:
         )
 
 
-def get_batch(data: TokenData, seq_ids, codes: CodeSlices | None = None, with_codes: bool = True, read: bool = True) -> Batch:
-    """Pad these sequences to the longest; attach their codes (read now unless `codes` holds them).
+def get_batch(data: TokenData, seq_ids, window: WindowSlices | None = None, with_codes: bool = True,
+              rows=None) -> Batch:
+    """Pad these sequences to the longest, with their codes (when `with_codes` and the file has them).
 
-    With `read=False` the given cache is attached as is: it may hold only some of the rows
-    (a DDP rank's), and only those rows may ask for targets.
+    Tokens and codes come from `window` (`TokenData.read_window` of, at least, the rows filled),
+    else they are read now. Only `rows` (default: all) are filled; the others come back empty (all
+    padding) but keep their place and the batch its length: a DDP rank fills its own rows of the
+    global batch from a window of only its rows, and masks them as the whole batch would be.
     """
     seq_ids = np.asarray(seq_ids, dtype=np.int64)
-    lens = data.seq_lengths[seq_ids]
+    starts = np.asarray(data.seq_offsets[seq_ids], dtype=np.int64)
+    lens = data.lengths(seq_ids)
     T = int(lens.max())
-    pos = np.arange(T)
-    valid = pos[None, :] < lens[:, None]  # (B, T)
-    token_index = np.where(valid, data.seq_offsets[seq_ids][:, None] + pos[None, :], -1)  # (B, T), -1 on padding
-    ids = np.where(valid, data.tokens[np.maximum(token_index, 0)], data.pad_id)  # (B, T)
+    fill = np.ones(len(seq_ids), dtype=bool)
+    if rows is not None:
+        fill[:] = False
+        fill[np.asarray(rows, dtype=np.int64)] = True
     with_codes = with_codes and data.has_codes
-    if with_codes and codes is None and read:
-        codes = data.read_codes(seq_ids)
+    if window is None:
+        window = data.read_window(seq_ids[fill], with_codes=with_codes)
+    elif not window.holds(starts[fill]).all():
+        raise ValueError("the window does not hold every row to fill")
+    if with_codes and not window.has_codes:
+        raise ValueError("the window was read without codes")
+    pos = np.arange(T)
+    valid = (pos[None, :] < lens[:, None]) & fill[:, None]  # (B, T)
+    token_index = np.where(valid, starts[:, None] + pos[None, :], -1)  # (B, T), -1 on padding
+    ids = np.full(valid.shape, data.pad_id, dtype=np.int64)  # (B, T)
+    if valid.any():
+        first = np.zeros(len(seq_ids), dtype=np.int64)
+        first[fill] = window.rows_of(starts[fill])  # the window's row of each filled sequence's first token
+        ids = np.where(valid, window.tokens[np.where(valid, first[:, None] + pos[None, :], 0)], ids)
     return Batch(
         seq_ids=seq_ids,
-        input_ids=torch.from_numpy(ids.astype(np.int64)),
+        input_ids=torch.from_numpy(ids),
         attention_mask=torch.from_numpy(valid.astype(np.int64)),
         token_index=token_index,
-        codes=codes if with_codes else None,
+        codes=window if with_codes else None,
     )
 
 
@@ -238,7 +259,7 @@ class BatchIterator:
         self.epoch = 0
         self.batch = 0
         self._order: tuple[int, np.ndarray] | None = None
-        self._cache: tuple[tuple[int, int], CodeSlices] | None = None
+        self._cache: tuple[tuple[int, int], WindowSlices] | None = None
         self._special = torch.tensor(sorted(set(masking.special_ids)), dtype=torch.long)
 
     # -- position
@@ -284,16 +305,15 @@ class BatchIterator:
         g = order[b0 * self.batch_size : b1 * self.batch_size].reshape(b1 - b0, self.batch_size)  # (batches, global)
         return g[:, self.rank * local : (self.rank + 1) * local]  # (batches, local)
 
-    def _codes_for(self, epoch: int, batch: int) -> CodeSlices | None:
-        if not self.with_targets:
-            return None
+    def _window_for(self, epoch: int, batch: int) -> WindowSlices:
+        """This rank's tokens (and codes) of the window that holds this batch."""
         per_window = self.window // self.batch_size
         w = batch // per_window
         if self._cache is None or self._cache[0] != (epoch, w):
             self._cache = None  # free the old window before reading the next
             b0, b1 = w * per_window, min((w + 1) * per_window, self.batches_per_epoch)
             seqs = self._rank_seqs(self.epoch_order(epoch), b0, b1)
-            self._cache = ((epoch, w), self.data.read_codes(seqs.reshape(-1)))
+            self._cache = ((epoch, w), self.data.read_window(seqs.reshape(-1), with_codes=self.with_targets))
         return self._cache[1]
 
     # -- batches
@@ -307,9 +327,12 @@ class BatchIterator:
         glob = order[batch * self.batch_size : (batch + 1) * self.batch_size]
         # The whole global batch is masked with one generator of (seed, epoch, batch), and each
         # rank then keeps its rows: masks depend neither on the world size nor on grad_accum, so
-        # a DDP run sees exactly the batches of a one-process run. Padding the global batch is
-        # cheap (tokens are in memory); only this rank's codes are ever read.
-        b = get_batch(self.data, glob, codes=self._codes_for(epoch, batch), with_codes=self.with_targets, read=False)
+        # a DDP run sees exactly the batches of a one-process run. A rank reads only its own rows'
+        # tokens and codes; the other rows stay empty, and masking draws the same numbers for a
+        # row whatever the other rows hold (the batch keeps its global shape).
+        local = self.batch_size // self.world_size
+        mine = np.arange(self.rank * local, (self.rank + 1) * local)
+        b = get_batch(self.data, glob, self._window_for(epoch, batch), with_codes=self.with_targets, rows=mine)
         gen = torch.Generator().manual_seed(_seed_of(self.seed, epoch, batch, 2))
         ids, masked_index = mask_tokens(
             b.input_ids, b.attention_mask, torch.isin(b.input_ids, self._special), self.masking, gen,
@@ -317,10 +340,8 @@ class BatchIterator:
         selected = torch.zeros(b.input_ids.numel(), dtype=torch.bool)  # (B*T,) flat, as masked_index
         selected[masked_index] = True
         selected = selected.view(b.input_ids.shape)  # (B, T)
-        local = self.batch_size // self.world_size
-        mine = np.arange(self.rank * local, (self.rank + 1) * local)
         # Sorted by length, micro-batches pad less; a batch is a set, so nothing else changes.
-        mine = mine[np.argsort(self.data.seq_lengths[glob[mine]], kind="stable")]
+        mine = mine[np.argsort(self.data.lengths(glob[mine]), kind="stable")]
         micro = []
         for rows in np.array_split(mine, self.micro_batches):
             sub = b.take(rows)
