@@ -28,7 +28,8 @@ LR          ?= 2e-3
 AUX_STEPS   ?= 2000
 AUX_RUN     ?= runs/aux-$(or $(MODEL),tiny)
 # Everything else is passed only when set (make pretrain K=1000 MODEL=mini ...): AUX, K, LAMBDA, TOL,
-# SEED, DEVICE, MODEL, BATCH, ACCUM, MLM_WEIGHT, RUN, EXTRACT_DIR, CODES_DIR, TOKENS_DIR.
+# SEED, DEVICE, MODEL, BATCH, ACCUM, MLM_WEIGHT, RUN, EXTRACT_DIR, CODES_DIR, TOKENS_DIR, and FUSED=1 (the
+# scaled path: tokenize once, no hidden states on disk; see sparse-code below).
 # $(call opt,--flag,VAR): "--flag value" when VAR is set, nothing otherwise.
 opt = $(if $($(2)),$(1) $($(2)))
 
@@ -37,7 +38,8 @@ opt = $(if $($(2)),$(1) $($(2)))
 help:
 	@sed -n '2,5p' Makefile | sed 's/^# \{0,1\}//'
 	@echo "targets: setup corpus extract sparse-code pretrain tokens aux test lint test-soak eval-data export compare plot"
-	@echo "         bench (bench-sparse bench-train bench-extract) bench-memory gpu-check clean-hidden clean"
+	@echo "         bench (bench-sparse bench-train bench-extract) bench-memory bench-scale gpu-check finalize"
+	@echo "         clean-hidden clean"
 
 # The embedded auxiliary model goes in with --no-deps: its declared sentence-transformers would pull CUDA torch.
 setup: $(VENV)/.setup-done
@@ -103,10 +105,22 @@ extract: setup $(CORPUS_DEP)
 	$(MLSM) extract --corpus "$(CORPUS)" --layers $(LAYER) --max-tokens $(TOKENS) $(call opt,--aux,AUX) \
 	    $(call opt,--device,DEVICE) $(call opt,--out,EXTRACT_DIR)
 
+# FUSED=1 is the scaled path (docs/scaling.md): the corpus is tokenized once (make tokens) and sparse-code runs
+# the auxiliary forward itself, shard by shard, so no hidden states are written; the codes are the same.
+CODE_OPTS = --layer $(LAYER) $(call opt,--out,CODES_DIR) $(call opt,-k,K) $(call opt,--lambda,LAMBDA) \
+	    $(call opt,--tol,TOL) $(call opt,--seed,SEED) $(call opt,--device,DEVICE)
+ifeq ($(FUSED),1)
+sparse-code: tokens
+	$(MLSM) sparse-code --from-tokens $(or $(TOKENS_DIR),data/tokens) $(call opt,--aux,AUX) $(CODE_OPTS)
+else
 sparse-code: extract
-	$(MLSM) sparse-code --layer $(LAYER) $(call opt,--extract-dir,EXTRACT_DIR) $(call opt,--out,CODES_DIR) \
-	    $(call opt,-k,K) $(call opt,--lambda,LAMBDA) $(call opt,--tol,TOL) $(call opt,--seed,SEED) \
-	    $(call opt,--device,DEVICE)
+	$(MLSM) sparse-code $(call opt,--extract-dir,EXTRACT_DIR) $(CODE_OPTS)
+endif
+
+# codes.h5 over the parts of a sparse-code run whose workers ran as separate jobs (idempotent).
+.PHONY: finalize
+finalize: setup
+	$(MLSM) finalize $(or $(CODES_DIR),data/codes)
 
 pretrain: sparse-code
 	$(MLSM) pretrain --steps $(STEPS) --lr $(LR) $(if $(CODES_DIR),--data $(CODES_DIR)/codes.h5) \
@@ -188,6 +202,14 @@ MEMORY_TOKENS ?= 25000
 bench-memory: setup $(CORPUS_DEP)
 	$(BIN)/python bench/stage_memory.py --corpus "$(CORPUS)" --tokens $(MEMORY_TOKENS) --layer $(LAYER) \
 	    $(call opt,-k,K) $(call opt,--device,DEVICE) --out runs/bench-memory
+
+# The scaled path against the staged one at N and 10N tokens (bench/scale.py; docs/scaling.md): peak hidden-state
+# bytes on disk, peak RSS per stage, finalize seconds, loader tokens/s, wall times. Last line: JSON. ~1 h on 2 cores.
+SCALE_TOKENS ?= 250000
+.PHONY: bench-scale
+bench-scale: setup $(CORPUS_DEP)
+	$(BIN)/python bench/scale.py --corpus "$(CORPUS)" --tokens $(SCALE_TOKENS) --layer $(LAYER) \
+	    $(call opt,-k,K) $(call opt,--device,DEVICE) --out runs/bench-scale
 
 # Every GPU path once on one H100/H200, within 8 min (bench/gpu_check.py --budget): the bpp engine vs the CPU
 # engine, fused extract+code (sparse-code --from-tokens), a bf16 --compile pretrain, torchrun pretrain at world

@@ -36,7 +36,7 @@ from mlsm.core.layout import (
 )
 from mlsm.core.manifest import write_json_atomic
 from mlsm.core.ranks import Rank
-from mlsm.pipeline.codes import merge_parts, missing_sources, part_rows
+from mlsm.pipeline.codes import merge_parts, part_rows
 from mlsm.pipeline.solvers import auto_engine
 from mlsm.pipeline.workers import missing_workers, read_records
 
@@ -152,16 +152,3 @@ def finalize_codes(out_dir: str | Path, worker: Rank | None = None, merge: bool 
     (out_dir / PROGRESS).unlink(missing_ok=True)
     log.info("sparse-code: %s", json.dumps(report))
     return manifest
-
-
-def check_parts_present(codes_path: Path) -> None:
-    """A finalized codes.h5 reads its codes from parts/: refuse it when some are gone."""
-    try:
-        with h5py.File(codes_path, "r") as f:
-            gone = missing_sources(f)
-    except OSError:
-        return
-    if gone:
-        raise MLSMError(f"{codes_path} reads its codes from {len(gone)} part file(s) that are gone (e.g. "
-                        f"{Path(codes_path).parent / gone[0]}). Restore the folder's parts/, or rebuild with "
-                        f"`mlsm sparse-code ... --force`; `mlsm finalize --merge` makes a codes.h5 that stands alone.")

@@ -80,6 +80,28 @@ def test_bench_memory(tiny):
     assert out["extract_rss_ratio_10x"] > 0 and out["sparse_code_rss_ratio_10x"] > 0
 
 
+def test_bench_scale(tiny):
+    out = bench("scale.py", "--corpus", tiny / "corpus.txt", "--tokens", 1200, "--factor", 2, "-k", 32,
+                "--dict-samples", 400, "--device", "cpu", "--workers", 2, "--loader-batches", 3, "--loader-rounds", 1,
+                "--train-steps", 2, "--batch-size", 4, "--out", tiny / "scale")
+    assert len(out) == 2
+    keys = ("tokens", "peak_hidden_bytes", "staged_peak_hidden_bytes", "peak_rss_mb_extract", "peak_rss_mb_code",
+            "peak_rss_mb_train", "coding_s", "finalize_s", "loader_tokens_per_s", "loader_merged_tokens_per_s",
+            "staged_s", "scaled_s", "device")
+    for row in out:
+        assert all(k in row for k in keys), row
+        assert row["peak_hidden_bytes"] == 0 < row["staged_peak_hidden_bytes"]  # the fused path writes no states
+        assert row["loader_tokens_per_s"] > 0 and row["loader_merged_tokens_per_s"] > 0
+    assert out[0]["tokens"] < out[1]["tokens"]
+
+
+def test_bench_dictionary_sample(tiny):
+    out = bench("dictionary_sample.py", "--extract-dir", tiny / "extract", "--layer", 6, "-k", 32,
+                "--dict-samples", 600, "--heldout", 200, "--seeds", 1)
+    run = out["runs"][0]
+    assert run["heldout_objective_token_level"] > 0 and run["heldout_objective_sequences"] > 0
+
+
 def test_the_other_bench_scripts_parse():
     """compare.py needs `make eval-data` (npm) and minutes even at --size smoke; the GPU scripts need a GPU."""
     assert subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--help"], capture_output=True).returncode == 0

@@ -1,0 +1,203 @@
+"""The scaled path against the staged one at N and 10N tokens (`make bench-scale`, docs/scaling.md).
+
+For each size, from one `mlsm tokenize` of the corpus:
+- staged: `mlsm extract --tokens` then `mlsm sparse-code` (hidden states written to Parquet, read back);
+- scaled: `mlsm sparse-code --from-tokens` (the forward runs in the coding process; no states on disk).
+Each is a child process: its peak RSS comes from os.wait4, and a thread samples the bytes of
+hidden-state files (Parquet shards and their temp files) under the run's folders every 0.2 s.
+Then: `mlsm finalize --merge` on a copy of the scaled folder (today's self-contained file), the
+training loader over both codes.h5 files (same batches, alternated, best of rounds), and a short
+`mlsm pretrain` for the trainer's peak RSS.
+
+At N only, the tokenization measure of issue 13: the extract workers of `--num-workers 8` run one
+after another (each alone on the machine), once reading the token stream (`--tokens`) and once
+tokenizing the corpus themselves; their summed packing seconds (`packing_s` in each worker's
+record) against one `mlsm tokenize` pass.
+
+Lines before the last: per-step progress and the extra tables as JSON; the last line is the JSON
+list with one object per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_child(args: list[str], watch: list[Path] = ()) -> dict:
+    """`mlsm <args>` as a child: wall seconds, peak RSS (MB) and peak hidden-state bytes under `watch`."""
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            total = 0
+            for folder in watch:
+                for p in Path(folder).rglob("*shard-*.parquet*"):  # shards and their .tmp files
+                    try:
+                        total += p.stat().st_size
+                    except FileNotFoundError:
+                        pass
+            peak[0] = max(peak[0], total)
+            stop.wait(0.2)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    t0 = time.time()
+    p = subprocess.Popen([sys.executable, "-m", "mlsm.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT)
+    err = p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.time() - t0
+    stop.set()
+    t.join()
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"mlsm {' '.join(args)} failed:\n{err[-3000:]}")
+    return {"wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "peak_hidden_bytes": peak[0]}
+
+
+def loader_rates(files: dict[str, Path], batches: int, rounds: int, batch_size: int) -> dict[str, dict]:
+    """Tokens/s of the training loader (targets included) over each file: the same batches, rounds alternated."""
+    from mlsm.core import hf
+    from mlsm.pipeline.codes import TokenData
+    from mlsm.trainer.data import BatchIterator, Masking
+
+    tok = hf.load_tokenizer(hf.resolve_model_dir(None))
+    masking = Masking.of(hf.special_token_ids(tok), tok.get_vocab_size(with_added_tokens=True), 0.15, "mask")
+    times: dict[str, list[float]] = {name: [] for name in files}
+    tokens = {}
+    for _ in range(rounds):
+        for name, path in files.items():
+            with TokenData(path) as data:
+                it = BatchIterator(data, batch_size, seed=0, masking=masking, with_targets=True)
+                next(it)  # first window read outside the clock, as in bench-train
+                n, t0 = 0, time.perf_counter()
+                for _ in range(batches):
+                    n += sum(m["n_tokens"] for m in next(it))
+                times[name].append(time.perf_counter() - t0)
+                tokens[name] = n
+    return {name: {"tokens_per_s": round(tokens[name] / min(ts), 1),
+                   "spread": round(max(ts) / min(ts) - 1, 3)} for name, ts in times.items()}
+
+
+def tokenization_work(a, tokens_dir: Path, out: Path, workers: int = 8) -> dict:
+    """Summed packing seconds of `workers` extract workers run one at a time, --tokens vs --corpus."""
+    tok_wall = json.loads((tokens_dir / "manifest.json").read_text())["wall_s"]
+    result = {"workers": workers, "tokenize_pass_s": tok_wall}
+    for mode in ("tokens", "corpus"):
+        folder = out / f"extract-x{workers}-{mode}"
+        shutil.rmtree(folder, ignore_errors=True)
+        src = (["--tokens", str(tokens_dir)] if mode == "tokens"
+               else ["--corpus", a.corpus, "--max-tokens", str(a.tokens)])
+        for i in range(workers):
+            run_child(["extract", *src, "--out", str(folder), "--layers", str(a.layer), "--shard-tokens",
+                       str(a.tokens // (2 * workers)), "--device", a.device, "--worker-index", str(i),
+                       "--num-workers", str(workers), "--no-progress"])
+        recs = [json.loads(p.read_text()) for p in sorted((folder / "workers").glob("worker-*.json"))]
+        result[f"packing_s_sum_{mode}"] = round(sum(r["packing_s"] for r in recs), 2)
+        result[f"packing_over_one_pass_{mode}"] = round(result[f"packing_s_sum_{mode}"] / tok_wall, 3)
+        shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def one_size(a, tokens: int) -> dict:
+    out = a.out / f"n{tokens}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    tokens_dir, extract, staged, scaled = out / "tokens", out / "extract", out / "codes-staged", out / "codes-scaled"
+    tok = run_child(["tokenize", "--corpus", a.corpus, "--max-tokens", str(tokens), "--out", str(tokens_dir),
+                     "--no-progress"])
+    code = ["--layer", str(a.layer), "-k", str(a.K), "--dict-samples", str(a.dict_samples),
+            "--heldout", str(a.dict_samples // 10), "--device", a.device, "--no-progress"]
+    ext = run_child(["extract", "--tokens", str(tokens_dir), "--out", str(extract), "--layers", str(a.layer),
+                     "--device", a.device, "--no-progress"], watch=[extract])
+    stg = run_child(["sparse-code", "--extract-dir", str(extract), "--out", str(staged), *code],
+                    watch=[extract, staged])
+    fus = run_child(["sparse-code", "--from-tokens", str(tokens_dir), "--out", str(scaled), *code],
+                    watch=[scaled])
+    print(json.dumps({"tokens": tokens, "tokenize": tok, "extract": ext, "staged_code": stg, "fused": fus}), flush=True)
+    report = json.loads((scaled / "manifest.json").read_text())["report"]
+    merged = out / "codes-merged"
+    shutil.copytree(scaled, merged)
+    t0 = time.time()
+    run_child(["finalize", str(merged), "--merge"])
+    merge_s = time.time() - t0
+    rates = loader_rates({"finalized": scaled / "codes.h5", "merged": merged / "codes.h5"}, a.loader_batches,
+                         a.loader_rounds, a.batch_size)
+    train = run_child(["pretrain", "--data", str(scaled / "codes.h5"), "--out", str(out / "run"), "--steps",
+                       str(a.train_steps), "--batch-size", str(a.batch_size), "--device", a.device, "--no-progress"])
+    n = json.loads((tokens_dir / "manifest.json").read_text())["tokens"]
+    row = {
+        "tokens": n,
+        "peak_hidden_bytes": fus["peak_hidden_bytes"],
+        "staged_peak_hidden_bytes": max(ext["peak_hidden_bytes"], stg["peak_hidden_bytes"]),
+        "peak_rss_mb_extract": ext["peak_rss_mb"],
+        "peak_rss_mb_code": stg["peak_rss_mb"],
+        "peak_rss_mb_fused": fus["peak_rss_mb"],
+        "peak_rss_mb_train": train["peak_rss_mb"],
+        "coding_s": report["coding_s"],
+        "finalize_s": report["finalize_s"],
+        "merge_s": round(merge_s, 1),
+        "loader_tokens_per_s": rates["finalized"]["tokens_per_s"],
+        "loader_merged_tokens_per_s": rates["merged"]["tokens_per_s"],
+        "loader_spread": {k: v["spread"] for k, v in rates.items()},
+        "staged_s": round(ext["wall_s"] + stg["wall_s"], 1),
+        "scaled_s": fus["wall_s"],
+        "tokenize_s": tok["wall_s"],
+        "device": report["device"],
+    }
+    shutil.rmtree(merged)
+    if not a.keep:
+        shutil.rmtree(extract, ignore_errors=True)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", default="data/corpus")
+    ap.add_argument("--tokens", type=int, default=250_000, help="N: the small size (the large one: 10N).")
+    ap.add_argument("--factor", type=int, default=10)
+    ap.add_argument("--layer", type=int, default=6)
+    ap.add_argument("-k", "--K", type=int, default=3000)
+    ap.add_argument("--dict-samples", type=int, default=20_000, help="Same at both sizes (memory scales with it).")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--loader-batches", type=int, default=200)
+    ap.add_argument("--loader-rounds", type=int, default=3)
+    ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--workers", type=int, default=8, help="Extract workers of the tokenization measure (0: skip).")
+    ap.add_argument("--keep", action="store_true", help="Keep the staged extract folders.")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
+    a = ap.parse_args(argv)
+    a.out = a.out.resolve()
+    rows = [one_size(a, a.tokens), one_size(a, a.factor * a.tokens)]
+    if a.workers:
+        print(json.dumps({"tokenization": tokenization_work(a, a.out / f"n{a.tokens}" / "tokens", a.out, a.workers)}),
+              flush=True)
+    small, big = rows
+    ratios = {
+        "peak_hidden_10x_over_1x": (big["peak_hidden_bytes"] / small["peak_hidden_bytes"]
+                                    if small["peak_hidden_bytes"] else None),
+        "scaled_over_staged_s": [round(r["scaled_s"] / r["staged_s"], 3) for r in rows],
+        "finalize_over_coding": [round(r["finalize_s"] / r["coding_s"], 4) for r in rows],
+        "loader_finalized_over_merged": [round(r["loader_tokens_per_s"] / r["loader_merged_tokens_per_s"], 3)
+                                         for r in rows],
+        "train_rss_10x_over_1x": round(big["peak_rss_mb_train"] / small["peak_rss_mb_train"], 3),
+        "load": os.getloadavg(),
+    }
+    print(json.dumps({"ratios": ratios}), flush=True)
+    print(json.dumps(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
