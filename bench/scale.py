@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_child(args: list[str], watch: list[Path] = ()) -> dict:
+def run_child(args: list[str], watch: list[Path] = (), env: dict | None = None) -> dict:
     """`mlsm <args>` as a child: wall seconds, peak RSS (MB) and peak hidden-state bytes under `watch`."""
     peak, stop = [0], threading.Event()
 
@@ -53,7 +53,7 @@ def run_child(args: list[str], watch: list[Path] = ()) -> dict:
     t.start()
     t0 = time.time()
     p = subprocess.Popen([sys.executable, "-m", "mlsm.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True, cwd=ROOT)
+                         text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     err = p.stderr.read()
     _, status, usage = os.wait4(p.pid, 0)
     wall = time.time() - t0
@@ -105,6 +105,14 @@ def tokenization_work(a, tokens_dir: Path, out: Path, workers: int = 8) -> dict:
         result[f"packing_s_sum_{mode}"] = round(sum(r["packing_s"] for r in recs), 2)
         result[f"packing_over_one_pass_{mode}"] = round(result[f"packing_s_sum_{mode}"] / tok_wall, 3)
         shutil.rmtree(folder, ignore_errors=True)
+    # how the one pass scales with cores: the tokenizer's batch API runs on RAYON_NUM_THREADS threads
+    for threads in (1, 2):
+        folder = out / f"tokens-{threads}-threads"
+        run_child(["tokenize", "--corpus", a.corpus, "--max-tokens", str(a.factor * a.tokens), "--out", str(folder),
+                   "--force", "--no-progress"], env={"RAYON_NUM_THREADS": str(threads)})
+        man = json.loads((folder / "manifest.json").read_text())
+        result[f"tokenize_tokens_per_s_{threads}_threads"] = round(man["tokens"] / man["wall_s"], 1)
+        shutil.rmtree(folder)
     return result
 
 
@@ -152,6 +160,10 @@ def one_size(a, tokens: int) -> dict:
         "staged_s": round(ext["wall_s"] + stg["wall_s"], 1),
         "scaled_s": fus["wall_s"],
         "tokenize_s": tok["wall_s"],
+        "bytes_per_token": {"tokens_h5": round((tokens_dir / "tokens.h5").stat().st_size / n, 2),
+                            "codes_h5_finalized": round((scaled / "codes.h5").stat().st_size / n, 2),
+                            "parts": round(sum(p.stat().st_size for p in (scaled / "parts").glob("*.h5")) / n, 2),
+                            "codes_h5_merged": round((merged / "codes.h5").stat().st_size / n, 2)},
         "device": report["device"],
     }
     shutil.rmtree(merged)
