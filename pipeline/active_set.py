@@ -11,7 +11,8 @@ each piece is done, because there the cost was never the flops:
   d dimensions, so no Gram block is ever gathered; the Gram matrix is read only for the factor's
   new columns.
 - The full-dictionary product `D^T r` that prices and certifies each round runs in bfloat16
-  (2.4x the float32 GEMM on AVX512-BF16). It is made exact where the certificate needs it: every
+  (2.4x the float32 GEMM on AVX512-BF16; on CPUs without native bf16 the GEMM runs in float32
+  and only its output is rounded, as torch's emulated bf16 GEMM is ~8x slower). It is made exact where the certificate needs it: every
   atom whose bf16 value could be the maximum, under a rigorous rounding bound, and every support
   atom is recomputed in float64, against the residual x - D a of the float32 codes returned, itself
   formed in float64. So the certified gap is that of the codes we output, to float64 rounding.
@@ -460,7 +461,9 @@ def _gap(rn2, ac, a, c_sup, ns, cmax, lam):
 def _certify_select(X, rows, R, C16, Dt, dmax, lam, idx, a, n_sup, g, cand, n_cand, primal, gap, tol, exact):
     """Duality gap of each row's codes against the FULL dictionary, and the next candidates.
 
-    C holds D^T r from a bfloat16 GEMM with float32 accumulation, r being the float32 residual R.
+    C holds D^T r from a bfloat16 GEMM with float32 accumulation, r being the float32 residual R
+    (or from a float32 GEMM rounded to bf16 on CPUs without native bf16: no input rounding, so a
+    smaller error than the bound below allows).
     With u = 2^-8 (bf16's unit roundoff), sum_t |d_jt r_t| <= ||d_j|| ||r|| and ||d_j|| <= dmax,
     its error is bounded by
         |c_j - C_j| <= u/(1-u)*|C_j| + ((2u + u^2) + d*2^-24)*dmax*||r||
@@ -548,16 +551,32 @@ def _certify_select(X, rows, R, C16, Dt, dmax, lam, idx, a, n_sup, g, cand, n_ca
 class Dictionary(NamedTuple):
     """The forms of D the engine reads, made once per nn_lasso call."""
     Dt: np.ndarray  # (K, d) float32: rows are atoms, for the per-row dot products
-    D_bf16: torch.Tensor  # (d, K) bfloat16: the pricing GEMM
+    D_price: torch.Tensor  # (d, K) bfloat16 where bf16 matmuls are native, else float32: the pricing GEMM
     gram: np.ndarray  # (K, K) float32: columns of the factor
     dmax: float  # largest atom norm (1 for a unit-norm dictionary), in every rounding bound
 
 
-def prepare(D: torch.Tensor, gram: torch.Tensor) -> Dictionary:
+def prepare(D: torch.Tensor, gram: torch.Tensor, bf16_gemm: bool | None = None) -> Dictionary:
+    """bf16_gemm (default: whether this CPU multiplies bf16 natively) picks the pricing GEMM's inputs.
+
+    Without native bf16 the GEMM runs in float32 and only its output is rounded to bf16: torch's
+    emulated bf16 GEMM is an order of magnitude slower, and float32 inputs only shrink the error the
+    certificate's bound allows for (see `_certify_select`), so the bound stays rigorous.
+    """
+    from mlsm.core.device import native_bf16
+
     D, gram = D.detach(), gram.detach()  # a dictionary that is a trainable parameter codes the same
     Dt = np.ascontiguousarray(D.T.numpy(), dtype=np.float32)
     dmax = float(np.sqrt((Dt.astype(np.float64) ** 2).sum(1).max(initial=0.0))) * (1 + 1e-6)
-    return Dictionary(Dt, D.to(torch.bfloat16), np.ascontiguousarray(gram.numpy(), dtype=np.float32), dmax)
+    if bf16_gemm is None:
+        bf16_gemm = native_bf16(torch.device("cpu"))
+    D_price = D.to(torch.bfloat16) if bf16_gemm else D.float().contiguous()
+    return Dictionary(Dt, D_price, np.ascontiguousarray(gram.numpy(), dtype=np.float32), dmax)
+
+
+def _price(M: torch.Tensor, D_price: torch.Tensor) -> np.ndarray:
+    """D^T m for every row of M, as bf16 bits (int16): the input of _select and _certify_select."""
+    return (M.to(D_price.dtype) @ D_price).to(torch.bfloat16).view(torch.int16).numpy()
 
 
 def solve_chunk(X: torch.Tensor, dic: Dictionary, lam: float, tol: float, max_iter: int, ws_size: int, ws_grow: int,
@@ -568,10 +587,10 @@ def solve_chunk(X: torch.Tensor, dic: Dictionary, lam: float, tol: float, max_it
     qblock: atoms entered per active-set pass (halved for the row whenever one enters and leaves at
     once); 8 measured best of 4/8/16/64 on real states.
     """
-    Dt32, D_bf16, gram, dmax = dic
+    Dt32, D_price, gram, dmax = dic
     B, K = X.shape[0], gram.shape[0]
     Xn = np.ascontiguousarray(X.numpy(), dtype=np.float32)
-    C = (X.to(torch.bfloat16) @ D_bf16).view(torch.int16).numpy()
+    C = _price(X, D_price)
     g0 = min(ws_size, K)
     cand = np.empty((B, max(g0, ws_grow)), np.int32)
     n_cand = np.zeros(B, np.int64)
@@ -603,7 +622,7 @@ def solve_chunk(X: torch.Tensor, dic: Dictionary, lam: float, tol: float, max_it
             Xn, Dt32, gram, dmax, lam, rows, slot, prev_idx, prev_a, prev_b, prev_n, L_bufs[(it + 1) % 2],
             prev_off, cand, n_cand, out_idx, out_a, out_b, out_n, out_L, out_off, R, qblock)
         stats["row_rounds"] = stats.get("row_rounds", 0) + n
-        C = (torch.from_numpy(R).to(torch.bfloat16) @ D_bf16).view(torch.int16).numpy()
+        C = _price(torch.from_numpy(R), D_price)
         cand = np.empty((n, ws_grow), np.int32)
         n_cand = np.zeros(n, np.int64)
         p, gp = np.empty(n), np.empty(n)

@@ -472,7 +472,9 @@ def _rebuild(folder: Path, man: dict) -> str:
     p = man.get("params", {})
     opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (("layer", p.get("layer")), ("K", p.get("K")))
                     if v is not None).replace("--K", "-k")
-    return f"mlsm sparse-code --extract-dir {man.get('extract_dir', '<extract folder>')} --out {folder} {opts} --force"
+    src = (f"--from-tokens {man['tokens_dir']}" if man.get("tokens_dir")
+           else f"--extract-dir {man.get('extract_dir', '<extract folder>')}")
+    return f"mlsm sparse-code {src} --out {folder} {opts} --force"
 
 
 def check_dictionary(path: Path, d: int | None = None, K: int | None = None, fingerprint: str | None = None,
@@ -524,7 +526,8 @@ def check_codes_file(codes_path: Path) -> None:
     params = man.get("params", {})
     checks = [("layer", params.get("layer"), attrs.get("layer")), ("K", params.get("K"), attrs.get("K")),
               ("lambda", params.get("lambda"), attrs.get("lambda")),
-              ("extract fingerprint", man.get("inputs", {}).get("extract_manifest"), attrs.get("extract_fingerprint"))]
+              ("extract fingerprint", man.get("inputs", {}).get("extract_manifest"), attrs.get("extract_fingerprint")),
+              ("tokens fingerprint", man.get("inputs", {}).get("tokens"), attrs.get("tokens_fingerprint"))]
     for name, want, got in checks:
         if want is None or got is None:
             continue

@@ -242,3 +242,14 @@ def test_a_full_disk_during_fused_coding_is_a_clear_error_and_keeps_finished_par
     monkeypatch.setattr(sc, "write_part", real)
     assert cli(kit["fused"] + ["--out", out]) == 0
     assert_same_codes(out / "codes.h5", kit["root"] / "fused" / "codes.h5")
+
+
+def test_separate_fused_jobs_after_dictionary_only_write_the_single_job_codes(kit, tmp_path):
+    out = tmp_path / "out"
+    args = kit["fused"] + ["--out", out]
+    assert cli(args + ["--dictionary-only"]) == 0 and not (out / "codes.h5").exists()
+    assert cli(args + ["--worker-index", 0, "--num-workers", 2]) == 0
+    assert not (out / "codes.h5").exists()  # worker 1's record is missing: nobody finalizes yet
+    assert cli(args + ["--worker-index", 1, "--num-workers", 2]) == 0  # the last one finalizes
+    assert_h5_equal(out / "codes.h5", kit["root"] / "fused" / "codes.h5")
+    assert cli(["finalize", out]) == 0  # a dependent finalize job finds nothing left to do

@@ -324,3 +324,24 @@ def test_rows_left_above_tol_are_named_and_their_gap_is_honest(caplog):
     assert "rows " + ", ".join(map(str, above[:10])) in caplog.text
     p, gap = duality_gap(X.float().double(), D.float().double(), res.codes.double(), lam)
     assert (res.rel_gap.double() >= gap / p * (1 - 1e-7) - 1e-9).all()  # float32 rel_gap
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_pricing_gemm_follows_native_bf16_and_both_forms_certify(monkeypatch, native):
+    # Without native bf16 the pricing GEMM runs in float32 (its output rounded to bf16): emulated
+    # bf16 GEMMs are ~8x slower, and float32 inputs only shrink the error the bound allows for.
+    import mlsm.core.device as device
+    from mlsm.pipeline import active_set
+
+    monkeypatch.setattr(device, "native_bf16", lambda dev, *a, **k: native)
+    X, D = _problem(d=24, K=120, B=40, nnz=6, seed=24)
+    Df = D.float()
+    dic = active_set.prepare(Df, Df.T @ Df)
+    assert dic.D_price.dtype == (torch.bfloat16 if native else torch.float32)
+    res = nn_lasso(X.float(), Df, LAM, tol=1e-5, options=LassoOptions(engine="active-set"))
+    p, gap = duality_gap(X.float().double(), Df.double(), res.codes.double(), LAM)
+    assert (gap / p <= 1e-5 * 1.001).all() and (res.rel_gap.double() >= gap / p - 1e-6).all()
+    C, exact = active_set._price(X.float(), dic.D_price), X.float().double() @ Df.double()
+    C = torch.from_numpy(C).view(torch.bfloat16).double()
+    bound = 0.0045 * C.abs() + 0.0085 * X.double().norm(dim=1, keepdim=True)
+    assert ((exact - C).abs() <= bound).all()
