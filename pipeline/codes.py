@@ -468,13 +468,14 @@ class TokenData:
 # --------------------------------------------------------------------------- checking
 
 
-def _rebuild(folder: Path, man: dict) -> str:
+def rebuild_command(folder: Path, man: dict, force: bool = True) -> str:
+    """The sparse-code command that (re)makes `folder`, from its manifest or progress record."""
     p = man.get("params", {})
     opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (("layer", p.get("layer")), ("K", p.get("K")))
                     if v is not None).replace("--K", "-k")
     src = (f"--from-tokens {man['tokens_dir']}" if man.get("tokens_dir")
            else f"--extract-dir {man.get('extract_dir', '<extract folder>')}")
-    return f"mlsm sparse-code {src} --out {folder} {opts} --force"
+    return f"mlsm sparse-code {src} --out {folder} {opts}" + (" --force" if force else "")
 
 
 def check_dictionary(path: Path, d: int | None = None, K: int | None = None, fingerprint: str | None = None,
@@ -514,7 +515,7 @@ def check_codes_file(codes_path: Path) -> None:
         return  # the trainer reports unreadable data itself
     if man.get("stage") != "sparse-code":
         return
-    fix = _rebuild(folder, man)
+    fix = rebuild_command(folder, man)
     try:
         with h5py.File(codes_path, "r") as f:
             attrs = dict(f.attrs)

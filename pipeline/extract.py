@@ -145,6 +145,14 @@ class ShardSource:
         raise MLSMError(f"the corpus {self.cfg.corpus} produced no token sequences; check that it contains text.")
 
 
+def forward_shard(encoder, seqs: list[np.ndarray], layers: list[int], pad_id: int, device, dtype,
+                  batch_tokens: int) -> dict[int, np.ndarray]:
+    """float16 states of every token of a shard's sequences, per layer, in the shard's own batches:
+    whoever computes a shard (an extract worker, the fused path) gets the same values."""
+    outs = [forward_batch(encoder, b, layers, pad_id, device, dtype) for b in _batches(seqs, batch_tokens)]
+    return {l: np.concatenate([o[l] for o in outs]) for l in layers}
+
+
 def _done_shards(out_dir: Path) -> dict[int, dict]:
     """Shards any worker (of any earlier split) finished and whose file is still there, whole."""
     done = {}
@@ -249,11 +257,8 @@ def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
         for index, first, seqs, n_tokens in producer:
             if seqs is not None:
                 tf = time.time()
-                outs = [forward_batch(encoder, b, layers, special["pad"], dev, dtype)
-                        for b in _batches(seqs, cfg.batch_tokens)]
-                hidden = {l: np.concatenate([o[l] for o in outs]) for l in layers}
+                hidden = forward_shard(encoder, seqs, layers, special["pad"], dev, dtype, cfg.batch_tokens)
                 t_forward += time.time() - tf
-                del outs
                 writer.put((index, first, seqs, hidden))
                 new_tokens += n_tokens
             bar.update(n_tokens)

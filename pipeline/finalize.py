@@ -36,19 +36,13 @@ from mlsm.core.layout import (
 )
 from mlsm.core.manifest import write_json_atomic
 from mlsm.core.ranks import Rank
-from mlsm.pipeline.codes import merge_parts, part_rows
+from mlsm.pipeline.codes import merge_parts, part_rows, rebuild_command
 from mlsm.pipeline.solvers import auto_engine
 from mlsm.pipeline.workers import missing_workers, read_records
 
 log = logging.getLogger(__name__)
 
 SOLVER_NAME = "nn_lasso: working set + certified duality gap"  # the engine that ran is in report.engine
-
-
-def _coding_command(doc: dict, out_dir: Path) -> str:
-    p = doc.get("params", {})
-    src = f"--from-tokens {doc['tokens_dir']}" if doc.get("tokens_dir") else f"--extract-dir {doc.get('extract_dir')}"
-    return f"mlsm sparse-code {src} --layer {p.get('layer')} -k {p.get('K')} --out {out_dir} (same arguments as before)"
 
 
 def finalize_codes(out_dir: str | Path, worker: Rank | None = None, merge: bool = False) -> dict | None:
@@ -89,7 +83,7 @@ def finalize_codes(out_dir: str | Path, worker: Rank | None = None, merge: bool 
         q, s = missing[0]
         raise MLSMError(f"{q} is missing or incomplete ({len(missing)} of {len(parts)} parts are): shard "
                         f"{s['index']} has not been coded. Run the coding worker that owns it again, "
-                        f"`{_coding_command(doc, out_dir)}`, then `mlsm finalize {out_dir}`. Finished parts are kept.")
+                        f"`{rebuild_command(out_dir, doc, force=False)}` (its other options as before), then `mlsm finalize {out_dir}`. Finished parts are kept.")
     dict_path = out_dir / DICTIONARY
     try:
         with h5py.File(dict_path, "r") as f:
@@ -97,7 +91,7 @@ def finalize_codes(out_dir: str | Path, worker: Rank | None = None, merge: bool 
             dict_stats = json.loads(f.attrs["stats"])
     except (OSError, KeyError) as e:
         raise MLSMError(f"{dict_path} is missing or unreadable ({e}); the parts cannot be checked against it. "
-                        f"Re-run `{_coding_command(doc, out_dir)} --force`.") from e
+                        f"Re-run `{rebuild_command(out_dir, doc)}`.") from e
     dict_fp = dictionary_fingerprint(D)
     recon_sum = 0.0
     for q in parts:
@@ -106,7 +100,7 @@ def finalize_codes(out_dir: str | Path, worker: Rank | None = None, merge: bool 
             recon_sum += float(f.attrs["recon_err_sum"])
         if fp is not None and fp != dict_fp:
             raise MLSMError(f"{q} was coded with another dictionary than {dict_path} (fingerprint {str(fp)[:12]} vs "
-                            f"{dict_fp[:12]}). Delete it (`rm {q}`) and run `{_coding_command(doc, out_dir)}` again: "
+                            f"{dict_fp[:12]}). Delete it (`rm {q}`) and run `{rebuild_command(out_dir, doc, force=False)}` again (its other options as before): "
                             f"it codes only the missing parts. Then `mlsm finalize {out_dir}`.")
     p = doc["params"]
     attrs = {
@@ -124,7 +118,7 @@ def finalize_codes(out_dir: str | Path, worker: Rank | None = None, merge: bool 
     finalize_s = time.time() - t0
     if stats["tokens"] != total:
         raise MLSMError(f"the parts hold {stats['tokens']} tokens but the run lists {total}; re-run "
-                        f"`{_coding_command(doc, out_dir)} --force`.")
+                        f"`{rebuild_command(out_dir, doc)}`.")
     coded = sum(r.get("coded_tokens", 0) for r in records)
     t_code = max((r["coding_s"] for r in records if "coding_s" in r), default=0.0)
     devices = sorted({r["device"] for r in records if "device" in r})

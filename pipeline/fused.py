@@ -3,7 +3,7 @@ each shard in one process, so hidden states live only in memory, one shard at a 
 
 It reads the packed stream of `mlsm tokenize` by sequence range, cuts it into the shards extract
 would cut (`sequences.shard_bounds`), and runs each shard's forward in the batches extract would run
-(`extract.forward_batch` over `extract._batches`), with the same float16 rounding. So, given the
+(`extract.forward_shard`), with the same float16 rounding. So, given the
 same dictionary, its codes are those of `mlsm extract` + `mlsm sparse-code`, bit for bit on CPU;
 peak hidden-state storage on disk is nil whatever the corpus size.
 """
@@ -22,7 +22,7 @@ from mlsm.core import hf
 from mlsm.core.config import SparseCodeConfig
 from mlsm.core.device import pick_device, resolve_precision
 from mlsm.core.errors import MLSMError
-from mlsm.pipeline.extract import _batches, forward_batch
+from mlsm.pipeline.extract import forward_shard
 from mlsm.pipeline.shards import ROW_GROUP_ROWS
 from mlsm.pipeline.token_stream import TokenStream
 
@@ -78,10 +78,10 @@ class FusedSource:
         encoder, layer = self._load(), self.cfg.layer
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
         t0 = time.time()
-        outs = [forward_batch(encoder, b, [layer], self.special["pad"], self.device, dtype)[layer]
-                for b in _batches(seqs, self.cfg.batch_tokens)]
+        states = forward_shard(encoder, seqs, [layer], self.special["pad"], self.device, dtype,
+                               self.cfg.batch_tokens)[layer]
         self.forward_s += time.time() - t0
-        return np.concatenate(outs)
+        return states
 
     def seq_lengths(self) -> np.ndarray:
         return self.stream.seq_lengths

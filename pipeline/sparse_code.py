@@ -17,6 +17,7 @@ workers refuse to start without it (a dictionary learnt by every worker would di
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -146,8 +147,9 @@ class StagedSource:
     def shard_path(self, shard: dict) -> Path:
         return self.extract_dir / shard["file"]
 
+    @functools.cache  # noqa: B019 (one source per stage run; the dictionary sample asks three times)
     def seq_lengths(self) -> np.ndarray:
-        """Tokens per sequence of the whole stream, from the shards' seq_id columns."""
+        """Tokens per sequence of the whole stream, from the shards' seq_id columns (read once)."""
         counts = []
         for s in self.man["shards"]:
             path = self.extract_dir / s["file"]
