@@ -444,25 +444,33 @@ class TokenData:
         tok_hi = np.asarray(self.seq_offsets[run_last + 1], dtype=np.int64)
         row_starts = np.cumsum(tok_hi - tok_lo) - (tok_hi - tok_lo)
         with_codes = with_codes and self.has_codes
-        toks, ips, ixs, vals = [np.zeros(0, np.int32)], [np.zeros(1, np.int64)], [np.zeros(0, np.uint16)], []
-        nnz = 0
-        for lo, hi in zip(tok_lo.tolist(), tok_hi.tolist(), strict=True):
-            toks.append(self._tokens[lo:hi])
-            if with_codes:
-                ip = self._indptr[lo : hi + 1].astype(np.int64)
-                ixs.append(self._indices[ip[0] : ip[-1]])
-                vals.append(self._values[ip[0] : ip[-1]])
-                ips.append(ip[1:] - ip[0] + nnz)
-                nnz += int(ip[-1] - ip[0])
-        tokens = np.concatenate(toks).astype(np.int32, copy=False)
-        log.debug("read %d sequences: %d slices, %d tokens, %d nonzeros", len(s), len(tok_lo), len(tokens), nnz)
+        # Every array is allocated once at its final size and read into in place: a list of slices
+        # then a concatenation would hold the window twice at its peak.
+        tokens = np.empty(int((tok_hi - tok_lo).sum()), dtype=np.int32)
+        runs = [(lo, hi, r0) for lo, hi, r0 in zip(tok_lo.tolist(), tok_hi.tolist(), row_starts.tolist(), strict=True)
+                if hi > lo]
+        for lo, hi, r0 in runs:
+            self._tokens.read_direct(tokens, np.s_[lo:hi], np.s_[r0:r0 + hi - lo])
         if not with_codes:
+            log.debug("read %d sequences: %d slices, %d tokens", len(s), len(tok_lo), len(tokens))
             return WindowSlices(tok_lo, tok_hi, row_starts, tokens)
-        indices = np.concatenate(ixs)
-        if len(indices) and int(indices.max()) >= self.K:
+        indptr = np.zeros(len(tokens) + 1, dtype=np.int64)
+        spans, nnz = [], 0  # per run: (first nonzero in the file, count, first nonzero in the window)
+        for lo, hi, r0 in runs:
+            ip = self._indptr[lo:hi + 1].astype(np.int64, copy=False)  # one run's row pointers: 8 B/token
+            indptr[r0 + 1:r0 + 1 + hi - lo] = ip[1:] - ip[0] + nnz
+            spans.append((int(ip[0]), int(ip[-1] - ip[0]), nnz))
+            nnz += spans[-1][1]
+        indices = np.empty(nnz, dtype=np.uint16)
+        values = np.empty(nnz, dtype=self._values.dtype)
+        for base, n, start in spans:
+            if n:
+                self._indices.read_direct(indices, np.s_[base:base + n], np.s_[start:start + n])
+                self._values.read_direct(values, np.s_[base:base + n], np.s_[start:start + n])
+        log.debug("read %d sequences: %d slices, %d tokens, %d nonzeros", len(s), len(tok_lo), len(tokens), nnz)
+        if nnz and int(indices.max()) >= self.K:
             raise MLSMError(f"{self.path} has atom indices >= K={self.K}; the file is damaged. Re-run `mlsm sparse-code`.")
-        values = np.concatenate(vals) if vals else np.zeros(0, self._values.dtype)
-        return WindowSlices(tok_lo, tok_hi, row_starts, tokens, np.concatenate(ips), indices, values)
+        return WindowSlices(tok_lo, tok_hi, row_starts, tokens, indptr, indices, values)
 
 
 # --------------------------------------------------------------------------- checking

@@ -228,6 +228,32 @@ def test_loader_does_not_hold_the_stream(tmp_path, layout):
     assert peak < N, f"peak {peak / 1e6:.1f} MB for a stream of {4 * N / 1e6:.1f} MB"
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "virtual"])
+def test_a_window_is_read_in_place(tmp_path, layout):
+    """Reading a window allocates it once: slices read straight into the final arrays, not gathered
+    in lists and concatenated (which held the window twice at its peak)."""
+    path = write_file(tmp_path / "codes.h5", layout, n_seq=3000)
+    with TokenData(path) as data:
+        ids = np.flatnonzero(np.arange(data.num_sequences) // 100 % 2 == 0)  # every other block of 100: 15 runs
+        data.read_window(ids[:10])  # modules imported on first use are not what is measured
+        tracemalloc.start()
+        try:
+            w = data.read_window(ids, max_gap=0)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        held = sum(a.nbytes for a in (w.tokens, w.indptr, w.indices, w.values, w.run_tok_starts, w.run_tok_ends,
+                                      w.run_row_starts))
+        assert len(w.run_tok_starts) == 15
+        assert peak < 1.25 * held, f"reading a window of {held} bytes peaked at {peak}"
+        whole = data.read_window(np.arange(data.num_sequences))
+        sel = whole.rows_of(np.concatenate([np.arange(data.seq_offsets[i], data.seq_offsets[i + 1]) for i in ids]))
+        assert np.array_equal(w.tokens, whole.tokens[sel])
+        a, b = csr_take(whole.indptr, whole.indices, whole.values, sel), (w.indptr, w.indices, w.values)
+        for x, y in zip(a, b, strict=True):
+            assert np.array_equal(x, y)
+
+
 def test_memmapped_offsets_leave_the_file_usable(tmp_path):
     path = write_file(tmp_path / "codes.h5", "contiguous")
     data = TokenData(path)

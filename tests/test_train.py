@@ -128,6 +128,8 @@ def test_resume_is_bit_identical(codes_h5, tmp_path, monkeypatch, precision):
 
     with pytest.raises(MLSMError, match="other settings.*lr"):
         run_pretrain(_cfg(codes_h5, resumed, **dict(kw, lr=5e-3)))
+    with pytest.raises(MLSMError, match="other settings.*shuffle_window"):  # it changes the data order
+        run_pretrain(_cfg(codes_h5, resumed, **dict(kw, shuffle_window=64)))
     with pytest.raises(MLSMError, match="steps"):
         run_pretrain(_cfg(codes_h5, resumed, **dict(kw, steps=4)))
     longer = run_pretrain(_cfg(codes_h5, resumed, **dict(kw, steps=12)))  # only steps grows: allowed

@@ -380,7 +380,7 @@ def _train(cfg: PretrainConfig, data: TokenData, device: torch.device, rank: Ran
     data.pad_id = setup.special["pad"]
     masking = Masking.of(setup.special, setup.vocab_size, cfg.mask_prob, cfg.mask_policy)
     batches = BatchIterator(data, cfg.batch_size, seed=cfg.seed, masking=masking, micro_batches=cfg.grad_accum,
-                            rank=rank, with_targets=spec.use_mlsm)
+                            rank=rank, with_targets=spec.use_mlsm, shuffle_window=cfg.shuffle_window)
     start = setup.resume[0] if setup.resume else 0
     state = ckpts.restore(setup.resume[1], opt, batches, rank, device) if setup.resume else {}
     skipped, bad_streak = int(state.get("skipped_steps", 0)), int(state.get("bad_streak", 0))

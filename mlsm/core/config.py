@@ -307,6 +307,7 @@ class PretrainConfig:
     mask_policy: str = opt("mask", "mask: every selected token becomes [MASK] (the reference); bert: 80/10/10.",
                            type=click.Choice(MASK_POLICIES))
     max_len: int = opt(128, "Longest sequence the student takes (the data's sequences must fit).")
+    shuffle_window: int = opt(4096, "Sequences the loader reads and shuffles together (rounded up to whole batches): its memory, about 0.5 KB per token of them with K=3000 codes, whatever the corpus size.")
     seed: int = opt(0, "Seed of the initialisation, the data order and the masks.")
     device: str = opt("auto", _DEVICE_HELP)
     precision: str = _precision("bf16 is autocast; weights and optimizer stay fp32.")
@@ -348,6 +349,8 @@ class PretrainConfig:
             problems.append(f"lr must be > 0 (got {self.lr})")
         if self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.shuffle_window < 1:
+            problems.append(f"shuffle_window must be >= 1 (got {self.shuffle_window})")
         if self.max_bad_steps < 1:
             problems.append(f"max_bad_steps must be >= 1 (got {self.max_bad_steps})")
         check(problems, "pretrain")
