@@ -9,6 +9,14 @@ Then: `mlsm finalize --merge` on a copy of the scaled folder (today's self-conta
 training loader over both codes.h5 files (same batches, alternated, best of rounds), and a short
 `mlsm pretrain` for the trainer's peak RSS.
 
+The trainer's memory is bounded by its shuffle window (default 4,096 sequences, about 0.5M tokens),
+which is larger than the whole of N (about 2,300 sequences at N=250k): from N to 10N the window
+fills. To show where it stops, the same pretrain also runs on 10x and 100x the 10N codes: codes.h5
+files of virtual datasets that repeat the 10N parts (no copy), 25M and 250M tokens.
+
+At 10N the staged extract also feeds bench/dictionary_sample.py: the held-out objective of the
+whole-sequence dictionary sample (both paths' rule) against the token-level one it replaced.
+
 At N only, the tokenization measure of issue 13: the extract workers of `--num-workers 8` run one
 after another (each alone on the machine), once reading the token stream (`--tokens`) and once
 tokenizing the corpus themselves; their summed packing seconds (`packing_s` in each worker's
@@ -116,7 +124,44 @@ def tokenization_work(a, tokens_dir: Path, out: Path, workers: int = 8) -> dict:
     return result
 
 
-def one_size(a, tokens: int) -> dict:
+def train_plateau(a, scaled: Path, out: Path, repeats=(10, 100)) -> list[dict]:
+    """Trainer peak RSS on codes.h5 files that repeat `scaled`'s parts (virtual datasets: no copy)."""
+    import h5py
+
+    from mlsm.pipeline.codes import merge_parts
+
+    parts = sorted((scaled / "parts").glob("part-*.h5"))
+    with h5py.File(scaled / "codes.h5") as f:
+        attrs = {k: f.attrs[k] for k in ("lambda", "K", "layer", "tokenizer_fingerprint", "dictionary_fingerprint")}
+    rows = []
+    for r in repeats:
+        folder = out / f"codes-x{r}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        shutil.copytree(scaled / "tokenizer", folder / "tokenizer")
+        stats = merge_parts(parts * r, folder / "codes.h5", attrs, copy=False)
+        train = run_child(["pretrain", "--data", str(folder / "codes.h5"), "--out", str(out / f"run-x{r}"), "--steps",
+                           str(a.train_steps), "--batch-size", str(a.batch_size), "--device", a.device,
+                           "--no-progress"])
+        rows.append({"repeats": r, "tokens": stats["tokens"], "peak_rss_mb_train": train["peak_rss_mb"]})
+        print(json.dumps({"train_plateau": rows[-1]}), flush=True)
+        shutil.rmtree(folder)
+        shutil.rmtree(out / f"run-x{r}")
+    return rows
+
+
+def dictionary_sample_check(a, extract: Path) -> dict:
+    """bench/dictionary_sample.py on this extract: its last line."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "dictionary_sample.py"), "--extract-dir", str(extract),
+                        "--layer", str(a.layer), "-k", str(a.K), "--dict-samples", str(a.dict_samples),
+                        "--heldout", str(a.dict_samples), "--seeds", str(a.dict_seeds)],
+                       capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        sys.exit(f"bench/dictionary_sample.py failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def one_size(a, tokens: int, large: bool = False) -> dict:
     out = a.out / f"n{tokens}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -167,6 +212,11 @@ def one_size(a, tokens: int) -> dict:
         "device": report["device"],
     }
     shutil.rmtree(merged)
+    if large and a.dict_seeds:
+        row["dictionary_sample"] = dictionary_sample_check(a, extract)
+        print(json.dumps({"dictionary_sample": row["dictionary_sample"]}), flush=True)
+    if large and a.plateau:
+        row["train_plateau"] = train_plateau(a, scaled, out)
     if not a.keep:
         shutil.rmtree(extract, ignore_errors=True)
     print(json.dumps(row), flush=True)
@@ -187,11 +237,14 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--loader-rounds", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--workers", type=int, default=8, help="Extract workers of the tokenization measure (0: skip).")
+    ap.add_argument("--dict-seeds", type=int, default=3, help="Seeds of the dictionary-sample check at 10N (0: skip).")
+    ap.add_argument("--no-plateau", dest="plateau", action="store_false",
+                    help="Skip the trainer RSS at 10x and 100x the 10N codes.")
     ap.add_argument("--keep", action="store_true", help="Keep the staged extract folders.")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
     a = ap.parse_args(argv)
     a.out = a.out.resolve()
-    rows = [one_size(a, a.tokens), one_size(a, a.factor * a.tokens)]
+    rows = [one_size(a, a.tokens), one_size(a, a.factor * a.tokens, large=True)]
     if a.workers:
         print(json.dumps({"tokenization": tokenization_work(a, a.out / f"n{a.tokens}" / "tokens", a.out, a.workers)}),
               flush=True)
@@ -204,6 +257,11 @@ def main(argv=None) -> list[dict]:
         "loader_finalized_over_merged": [round(r["loader_tokens_per_s"] / r["loader_merged_tokens_per_s"], 3)
                                          for r in rows],
         "train_rss_10x_over_1x": round(big["peak_rss_mb_train"] / small["peak_rss_mb_train"], 3),
+        "train_rss_repeats_over_10n": ([round(p["peak_rss_mb_train"] / big["peak_rss_mb_train"], 3)
+                                     for p in big["train_plateau"]] if "train_plateau" in big else None),
+        "dict_sample_rel_diff": ({k: big["dictionary_sample"][k] for k in ("rel_diff_mean", "rel_diff_min",
+                                                                           "rel_diff_max")}
+                                 if "dictionary_sample" in big else None),
         "load": os.getloadavg(),
     }
     print(json.dumps({"ratios": ratios}), flush=True)

@@ -86,9 +86,22 @@ class FusedSource:
     def seq_lengths(self) -> np.ndarray:
         return self.stream.seq_lengths
 
-    def sample_states(self, seq_ids: np.ndarray) -> np.ndarray:
-        """States of every token of these sorted sequences, in stream order (forward on them alone)."""
-        return self.states(self.stream.take(seq_ids)) if len(seq_ids) else np.zeros((0, self.hidden_size), np.float16)
+    def sample_states(self, rows: np.ndarray) -> np.ndarray:
+        """States at these sorted global token rows: the forward runs on their sequences alone, a
+        shard's worth of sequences at a time, and keeps only these rows."""
+        offs = self.stream.seq_offsets
+        seq = np.searchsorted(offs, rows, side="right") - 1
+        ids = np.unique(seq)
+        per_call = max(1, self.cfg.shard_tokens // max(1, int(np.diff(offs).max())))
+        out = [np.zeros((0, self.hidden_size), np.float16)]
+        for c in range(0, len(ids), per_call):
+            chunk = ids[c:c + per_call]
+            states = self.states(self.stream.take(chunk))
+            lens = offs[chunk + 1] - offs[chunk]
+            base = np.cumsum(lens) - lens  # where each sequence's states start in `states`
+            mine = (seq >= chunk[0]) & (seq <= chunk[-1])
+            out.append(states[base[np.searchsorted(chunk, seq[mine])] + rows[mine] - offs[seq[mine]]])
+        return np.concatenate(out)
 
     def blocks(self, shard: dict) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(token ids, sequence ids, states) of one shard, in the row groups a Parquet shard would have."""

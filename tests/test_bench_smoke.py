@@ -83,7 +83,7 @@ def test_bench_memory(tiny):
 def test_bench_scale(tiny):
     out = bench("scale.py", "--corpus", tiny / "corpus.txt", "--tokens", 1200, "--factor", 2, "-k", 32,
                 "--dict-samples", 400, "--device", "cpu", "--workers", 2, "--loader-batches", 3, "--loader-rounds", 1,
-                "--train-steps", 2, "--batch-size", 4, "--out", tiny / "scale")
+                "--train-steps", 2, "--batch-size", 4, "--dict-seeds", 1, "--out", tiny / "scale")
     assert len(out) == 2
     keys = ("tokens", "peak_hidden_bytes", "staged_peak_hidden_bytes", "peak_rss_mb_extract", "peak_rss_mb_code",
             "peak_rss_mb_train", "coding_s", "finalize_s", "loader_tokens_per_s", "loader_merged_tokens_per_s",
@@ -93,13 +93,21 @@ def test_bench_scale(tiny):
         assert row["peak_hidden_bytes"] == 0 < row["staged_peak_hidden_bytes"]  # the fused path writes no states
         assert row["loader_tokens_per_s"] > 0 and row["loader_merged_tokens_per_s"] > 0
     assert out[0]["tokens"] < out[1]["tokens"]
+    plateau = out[1]["train_plateau"]  # the 10N parts repeated 10x and 100x
+    assert [p["tokens"] for p in plateau] == [10 * out[1]["tokens"], 100 * out[1]["tokens"]]
+    assert all(p["peak_rss_mb_train"] > 0 for p in plateau)
+    sample = out[1]["dictionary_sample"]
+    assert len(sample["runs"]) == 1 and sample["runs"][0]["heldout_objective_per_sequence_2"] > 0
 
 
 def test_bench_dictionary_sample(tiny):
     out = bench("dictionary_sample.py", "--extract-dir", tiny / "extract", "--layer", 6, "-k", 32,
                 "--dict-samples", 600, "--heldout", 200, "--seeds", 1)
     run = out["runs"][0]
-    assert run["heldout_objective_token_level"] > 0 and run["heldout_objective_sequences"] > 0
+    for rule in ("token_level", "per_sequence_2", "whole_sequences"):
+        assert run[f"heldout_objective_{rule}"] > 0, rule
+    assert run["sequences_per_sequence_2"] > run["sequences_whole_sequences"]  # fewer tokens from more contexts
+    assert out["rel_diff_mean"] == out["rel_diff_per_sequence_2_mean"]
 
 
 def test_the_other_bench_scripts_parse():

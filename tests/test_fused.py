@@ -86,21 +86,35 @@ def test_both_paths_sample_the_same_sequences_for_the_dictionary(kit):
     assert staged["heldout_objective"] == pytest.approx(fused["heldout_objective"], rel=0.02)
 
 
-def test_dictionary_sample_is_whole_sequences_uniform_over_tokens():
+def test_dictionary_sample_is_uniform_over_tokens_a_few_per_sequence():
     from mlsm.pipeline.sparse_code import dictionary_sample
 
-    lengths = np.random.default_rng(0).integers(3, 129, size=2000)
+    lengths = np.random.default_rng(0).integers(3, 129, size=50_000)
+    offs = np.r_[0, np.cumsum(lengths)]
+    seq_of = lambda rows: np.searchsorted(offs, rows, side="right") - 1  # noqa: E731
     held, train = dictionary_sample(lengths, n_train=20_000, n_held=3_000, seed=1)
-    assert not set(held) & set(train)
-    assert 3_000 <= lengths[held].sum() < 3_000 + 129 and 20_000 <= lengths[train].sum() < 20_000 + 129
+    assert len(held) == 3_000 and len(train) == 20_000
+    assert np.all(np.diff(held) > 0) and np.all(np.diff(train) > 0) and train[-1] < offs[-1]
+    assert not set(seq_of(held)) & set(seq_of(train))  # held-out sequences are not trained on
+    # about two tokens per full-length sequence: the fused path's forward covers ~n/2 sequences, not all
+    touched = np.unique(seq_of(train))
+    per_full = np.bincount(seq_of(train), minlength=len(lengths))[touched][lengths[touched] > 120].mean()
+    assert 1.0 <= per_full < 3.5 and len(touched) < 0.4 * len(lengths)
     again = dictionary_sample(lengths, 20_000, 3_000, 1)
     np.testing.assert_array_equal(again[1], train)
-    # every sequence is drawn with the same probability, whatever its length: a token's chance is uniform
-    hits = np.zeros(len(lengths))
-    for seed in range(300):
-        hits[dictionary_sample(lengths, 20_000, 0, seed)[1]] += 1
-    long, short = hits[lengths > 100].mean(), hits[lengths < 30].mean()
-    assert long == pytest.approx(short, rel=0.1)
+    # a token's chance is the same wherever it is: in long or short sequences, first or last
+    small = lengths[:400]
+    hits = np.zeros(int(small.sum()))
+    for seed in range(400):
+        hits[dictionary_sample(small, 2_000, 0, seed)[1]] += 1
+    soffs = np.r_[0, np.cumsum(small)]
+    seq = np.searchsorted(soffs, np.arange(len(hits)), side="right") - 1
+    in_long, in_short = hits[small[seq] > 100].mean(), hits[small[seq] < 30].mean()
+    first = hits[soffs[:-1]].mean()
+    assert in_long == pytest.approx(in_short, rel=0.1) and first == pytest.approx(hits.mean(), rel=0.1)
+    # a stream too short for two per sequence: the rule takes more from each, still uniformly
+    held, train = dictionary_sample(lengths[:200], 5_000, 500, 3)
+    assert len(held) == 500 and len(train) == 5_000
 
 
 def test_codes_h5_reads_its_codes_from_the_parts_and_merge_makes_a_standalone_copy(kit, tmp_path):

@@ -224,6 +224,9 @@ class SparseCodeConfig:
     tol: float = opt(1e-4, "Certified relative duality gap each token's code is solved to.", record=True)
     dict_samples: int = opt(1_000_000, "Token vectors sampled to learn the dictionary.", record=True)
     heldout: int = opt(20_000, "Extra vectors held out to report the dictionary's objective.", record=True)
+    dict_per_sequence: float = opt(2.0, "Tokens the dictionary sample takes from a full-length sequence, on "
+                                        "average (uniform over the stream either way): fewer keep its contexts "
+                                        "varied, more cut the forward the fused path runs for it.", record=True)
     batch_size: int = opt(8192, "Tokens per solver call; nn_lasso splits them into 1024-row chunks over the threads.")
     top_k: int | None = opt(None, "Keep only the N largest atoms per token (default: all); the target a/sum(a) is "
                                   "renormalised over them. `make bench-extract` reports the KL this costs for N in "
@@ -260,6 +263,8 @@ class SparseCodeConfig:
             problems.append("--dict-samples and --batch-size must be positive, --heldout >= 0")
         if self.shard_tokens < 1 or self.batch_tokens < 1:
             problems.append("--shard-tokens and --batch-tokens must be positive")
+        if not self.dict_per_sequence > 0:
+            problems.append("--dict-per-sequence must be positive")
         if self.from_tokens is not None and self.delete_hidden:
             problems.append("--delete-hidden has nothing to delete with --from-tokens (no hidden states are written)")
         check(problems, "sparse-code")
