@@ -163,10 +163,8 @@ def test_max_token_id_from_the_attribute_or_a_chunked_scan(tmp_path, monkeypatch
     reads = []
     monkeypatch.setattr(codes_mod, "SCAN_ROWS", 100)
     with TokenData(path) as data:
-        real = data._tokens
-        spy = type("Spy", (), {"chunks": real.chunks, "shape": real.shape,
-                               "__getitem__": lambda self, k: reads.append(k) or real[k]})()
-        data._tokens = spy
+        real = data._read_tokens.read
+        monkeypatch.setattr(data._read_tokens, "read", lambda lo, hi: reads.append(slice(lo, hi)) or real(lo, hi))
         assert data.max_token_id == want
         assert len(reads) > 10 and all(k.stop - k.start <= 128 for k in reads), "scanned in chunk-aligned slices"
         n = len(reads)
@@ -174,7 +172,7 @@ def test_max_token_id_from_the_attribute_or_a_chunked_scan(tmp_path, monkeypatch
     with h5py.File(path, "a") as f:
         f.attrs["max_token_id"] = 12345
     with TokenData(path) as data:
-        data._tokens = None  # the attribute is enough: the stream is not read
+        data._tokens = data._read_tokens = None  # the attribute is enough: the stream is not read
         assert data.max_token_id == 12345
 
 
@@ -252,6 +250,39 @@ def test_a_window_is_read_in_place(tmp_path, layout):
         a, b = csr_take(whole.indptr, whole.indices, whole.values, sel), (w.indptr, w.indices, w.values)
         for x, y in zip(a, b, strict=True):
             assert np.array_equal(x, y)
+
+
+def test_a_virtual_file_of_many_parts_keeps_few_open(tmp_path, monkeypatch):
+    """HDF5 would keep every part it read open (a descriptor and caches each): the reader keeps
+    OPEN_PARTS, whatever the number of parts, and reads the same rows as the merged arrays."""
+    tokens, offsets, indptr, indices, values = _stream(600, seed=2)
+    seq_cuts = np.linspace(0, 600, 41).astype(int)  # 40 parts
+    parts = []
+    for p in range(40):
+        s0, s1 = seq_cuts[p], seq_cuts[p + 1]
+        t0, t1 = int(offsets[s0]), int(offsets[s1])
+        parts.append(tmp_path / "parts" / f"part-{p:05d}.h5")
+        parts[-1].parent.mkdir(exist_ok=True)
+        codes_mod.write_part(parts[-1], tokens[t0:t1], np.diff(offsets[s0 : s1 + 1]), np.diff(indptr[t0 : t1 + 1]),
+                             indices[indptr[t0] : indptr[t1]], values[indptr[t0] : indptr[t1]],
+                             np.zeros(t1 - t0, np.float32), attrs={"recon_err_sum": 0.0})
+    path = tmp_path / "codes.h5"
+    codes_mod.merge_parts(parts, path, {"K": K, "layer": 3, "lambda": 0.05}, np.float16, copy=False)
+    monkeypatch.setattr(codes_mod, "OPEN_PARTS", 3)
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = fds()
+    with TokenData(path) as data:
+        assert data._parts.limit == 3
+        ids = np.arange(0, 600, 7)  # every part
+        w = data.read_window(ids, max_gap=0)
+        assert len(data._parts._files) == 3 and fds() <= before + 4  # the codes.h5 itself and three parts
+        rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in ids])
+        assert np.array_equal(w.tokens, tokens[rows])
+        got = csr_take(w.indptr, w.indices, w.values, np.arange(len(rows)))
+        want = csr_take(indptr, indices, values, rows)
+        for a, b in zip(got, want, strict=True):
+            assert np.array_equal(a, b)
+    assert fds() == before
 
 
 def test_memmapped_offsets_leave_the_file_usable(tmp_path):
