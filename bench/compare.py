@@ -167,32 +167,16 @@ def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, o
 
 
 def marginal_baselines(codes_h5: Path, max_tokens: int = 500_000) -> dict:
-    """Losses of a student that ignores the context, on the first `max_tokens` tokens.
+    """Losses of a student that ignores the context (what the trainer records in run.json):
+    MLM predicting unigram frequencies, MLSM predicting the mean target. A checkpoint still on
+    these plateaus has learnt nothing contextual to fine-tune from."""
+    from mlsm.core import hf
+    from mlsm.pipeline.codes import TokenData
+    from mlsm.trainer.objectives import context_free_baselines
 
-    MLM: predicting the unigram frequencies costs their entropy. MLSM: predicting the mean target
-    distribution costs the mean KL(target || mean). Early pre-training sits on these plateaus; a
-    checkpoint still there has learnt nothing contextual to fine-tune from.
-    """
-    import h5py
-    import numpy as np
-
-    with h5py.File(codes_h5, "r") as f:
-        n = min(max_tokens, f["tokens"].shape[0])
-        tokens = f["tokens"][:n]
-        K = int(f.attrs["K"])
-        indptr = f["codes/indptr"][:n + 1].astype(np.int64)
-        idx = f["codes/indices"][indptr[0]:indptr[-1]].astype(np.int64)
-        val = f["codes/values"][indptr[0]:indptr[-1]].astype(np.float64)
-    counts = np.bincount(tokens).astype(np.float64)
-    pu = counts[counts > 0] / n
-    rows = np.repeat(np.arange(n), np.diff(indptr))
-    mass = np.bincount(rows, weights=val, minlength=n)
-    keep = mass[rows] > 0
-    t = val[keep] / mass[rows][keep]
-    n_coded = int((mass > 0).sum())
-    mean_t = np.bincount(idx[keep], weights=t, minlength=K) / n_coded
-    return {"tokens": int(n), "unigram_entropy": float(-(pu * np.log(pu)).sum()),
-            "mlsm_marginal_kl": float((t * np.log(t / mean_t[idx[keep]])).sum() / n_coded)}
+    special = hf.special_token_ids(hf.load_tokenizer(codes_h5.parent / "tokenizer")).values()
+    with TokenData(codes_h5) as data:
+        return context_free_baselines(data, special, max_tokens=max_tokens)
 
 
 def final_losses(run_dir: Path, last: int = 3) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -77,3 +78,38 @@ def test_mlm_loss_is_mean_cross_entropy():
     manual = -logits.log_softmax(-1)[torch.arange(10), labels].mean()
     torch.testing.assert_close(mlm_loss(logits, labels), manual)
     assert mlm_loss(logits.bfloat16(), labels).dtype == torch.float32
+
+
+def _codes_file(path, tokens, offsets, rows):
+    """A codes.h5 with one CSR row (a dict atom -> value) per token."""
+    import h5py
+    import numpy as np
+
+    indptr = np.r_[0, np.cumsum([len(r) for r in rows])].astype(np.int64)
+    with h5py.File(path, "w") as f:
+        f["tokens"], f["seq_offsets"] = np.asarray(tokens, np.int32), np.asarray(offsets, np.int64)
+        f["codes/indptr"] = indptr
+        f["codes/indices"] = np.array([a for r in rows for a in r], np.uint16)
+        f["codes/values"] = np.array([v for r in rows for v in r.values()], np.float32)
+        f.attrs.update(K=4, layer=1, **{"lambda": 0.05})
+    return path
+
+
+def test_context_free_baselines_known_values(tmp_path):
+    """One-hot targets on two atoms used equally cost log 2 against their mean; targets that are
+    all the same cost 0. Special tokens ([CLS]=2, [SEP]=3 here) and empty codes do not count."""
+    import math
+
+    from mlsm.pipeline.codes import TokenData
+    from mlsm.trainer.objectives import context_free_baselines
+
+    special = [0, 2, 3]
+    toks = [2, 10, 11, 10, 11, 12, 3]  # [CLS] a b a b c(no code) [SEP]
+    rows = [{3: 1.0}, {0: 2.0}, {1: 0.5}, {0: 1.0}, {1: 3.0}, {}, {3: 1.0}]
+    with TokenData(_codes_file(tmp_path / "a.h5", toks, [0, 7], rows)) as d:
+        b = context_free_baselines(d, special)
+    assert b["mlsm_marginal_kl"] == pytest.approx(math.log(2))
+    assert b["tokens"] == 5 and b["unigram_entropy"] == pytest.approx(-(0.4 * math.log(0.4) * 2 + 0.2 * math.log(0.2)))
+    same = [{3: 1.0}, {0: 1.0, 1: 3.0}, {0: 2.0, 1: 6.0}, {0: 0.5, 1: 1.5}, {0: 1.0, 1: 3.0}, {}, {3: 1.0}]
+    with TokenData(_codes_file(tmp_path / "b.h5", toks, [0, 7], same)) as d:
+        assert context_free_baselines(d, special)["mlsm_marginal_kl"] == pytest.approx(0.0, abs=1e-12)

@@ -6,6 +6,8 @@ import itertools
 import json
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,7 +18,9 @@ from mlsm.core.config import PretrainConfig
 from mlsm.core.errors import MLSMError
 from mlsm.trainer import train
 from mlsm.trainer.train import run_pretrain
-from tests.test_data import make_dataset, make_tokenizer_dir
+from tests.test_data import SPECIALS, make_dataset, make_tokenizer_dir
+
+SPECIAL_IDS = set(range(len(SPECIALS)))  # [PAD] [UNK] [CLS] [SEP] [MASK]: never masked
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
 NO_DROPOUT = dict(SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -68,6 +72,18 @@ def test_loss_falls_and_run_is_written(codes_h5, tmp_path):
     assert last < 0.85 * first, (first, last)
     assert summary["initial_loss"] == rows[0]["loss"] and summary["final_loss"] == rows[-1]["loss"]
     assert summary["steps"] == 30 and summary["tokens_per_s"] > 0
+    # the context-free baseline, recomputed densely here: KL of each non-special token's target to the mean target
+    with h5py.File(codes_h5) as f:
+        tokens, ip, ix, val = (f[k][:] for k in ("tokens", "codes/indptr", "codes/indices", "codes/values"))
+    dense = np.zeros((len(tokens), 20))
+    np.add.at(dense, (np.repeat(np.arange(len(tokens)), np.diff(ip)), ix.astype(int)), val.astype(np.float64))
+    keep = ~np.isin(tokens, list(SPECIAL_IDS)) & (dense.sum(1) > 0)
+    t = dense[keep] / dense[keep].sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = np.nansum(t * np.log(t / t.mean(0)), axis=1).mean()
+    base = json.loads((run / "run.json").read_text())["context_free_baseline"]
+    assert base["loss"] == pytest.approx(want, rel=1e-6) and summary["context_free_baseline"] == base["loss"]
+    assert summary["loss_over_baseline"] == pytest.approx(summary["final_loss"] / want)
 
     ck = run / "step-0000030"
     assert Path(summary["last_checkpoint"]) == ck
@@ -155,6 +171,11 @@ def test_mlm_objective_on_tokens_file(tokens_h5, tmp_path):
     rows = _metrics(run)
     assert rows[-1]["mlsm_loss"] is None and rows[-1]["targets"] is None and rows[-1]["mlm_loss"] > 0
     assert summary["final_loss"] == rows[-1]["mlm_loss"]
+    with h5py.File(tokens_h5) as f:
+        tokens = f["tokens"][:]
+    _, counts = np.unique(tokens[~np.isin(tokens, list(SPECIAL_IDS))], return_counts=True)
+    p = counts / counts.sum()
+    assert summary["context_free_baseline"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-9)  # unigram entropy
     tensors = load_file(run / "step-0000003" / "model.safetensors")
     assert "mlm_head.bias" in tensors and not any(k.startswith("mlsm_head.") for k in tensors)
     assert json.loads((run / "step-0000003" / "config.json").read_text())["mlsm"]["num_atoms"] is None

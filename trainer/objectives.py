@@ -63,3 +63,35 @@ def dense_kl_reference(logits: torch.Tensor, dense_targets: torch.Tensor) -> tor
     has = t.sum(-1) > 0
     kl = (torch.xlogy(t, t) - t * F.log_softmax(z, dim=-1)).sum(-1)
     return kl[has].sum() / has.sum().clamp(min=1)
+
+
+def context_free_baselines(data, special_ids, max_tokens: int = 200_000, seed: int = 0) -> dict:
+    """Losses of a student that ignores the context, on a seeded sample of whole sequences (at
+    most `max_tokens` tokens, read as one window: memory does not grow with the corpus).
+
+    Only non-special tokens count, as only they are masked. MLSM: predicting the mean target
+    costs the mean KL(t || mean t) over the tokens that have a target. MLM: predicting unigram
+    frequencies costs their entropy. Both are plug-in estimates on the sample. A loss at its
+    baseline means nothing contextual was learnt; `loss / baseline` says how far below it a run got.
+    """
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(data.num_sequences)
+    lengths = data.lengths(order)
+    ids = order[: max(1, int(np.searchsorted(np.cumsum(lengths), max_tokens, side="right")))]
+    w = data.read_window(ids)
+    plain = ~np.isin(w.tokens, np.asarray(sorted(set(special_ids)), dtype=w.tokens.dtype))
+    counts = np.bincount(w.tokens[plain]).astype(np.float64)
+    pu = counts[counts > 0] / max(1, int(plain.sum()))
+    out = {"tokens": int(plain.sum()), "unigram_entropy": float(-(pu * np.log(pu)).sum()), "mlsm_marginal_kl": None}
+    if w.has_codes:
+        rows = np.repeat(np.arange(len(w.tokens)), np.diff(w.indptr))
+        val = w.values.astype(np.float64)
+        mass = np.bincount(rows, weights=val, minlength=len(w.tokens))
+        keep = plain[rows] & (mass[rows] > 0) & (val > 0)
+        t, idx = val[keep] / mass[rows][keep], w.indices[keep].astype(np.int64)
+        n_coded = int((plain & (mass > 0)).sum())
+        if n_coded:
+            mean_t = np.bincount(idx, weights=t, minlength=int(data.K)) / n_coded
+            out["mlsm_marginal_kl"] = float((t * np.log(t / mean_t[idx])).sum() / n_coded)
+    return out

@@ -33,7 +33,7 @@ from mlsm.pipeline.codes import TokenData, check_codes_file
 from mlsm.trainer.checkpoint import Checkpoints
 from mlsm.trainer.data import BatchIterator, Masking, Prefetcher
 from mlsm.trainer.metrics_log import MetricsLog
-from mlsm.trainer.objectives import mlm_loss, mlsm_kl_loss
+from mlsm.trainer.objectives import context_free_baselines, mlm_loss, mlsm_kl_loss
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +393,7 @@ def _train(cfg: PretrainConfig, data: TokenData, device: torch.device, rank: Ran
         return _summary(cfg, start, start, (rows[0]["loss"] if rows else None, rows[-1]["loss"] if rows else None),
                         0.0, 0, last_ckpt, device, skipped)
     extra = _checkpoint_json(cfg, setup, data, num_atoms)
+    baseline = _baseline(cfg, spec, data, setup, rank)
     if device.type == "cuda":  # on CPU a prefetch thread only competes with the compute threads
         batches = Prefetcher(batches, pin_memory=True)
 
@@ -427,7 +428,8 @@ def _train(cfg: PretrainConfig, data: TokenData, device: torch.device, rank: Ran
                     "skipped_steps": skipped, "elapsed_s": now - t_start,
                 })
                 t_last, tokens_since = now, 0
-                pbar.set_postfix(loss=f"{r.loss:.4f}", lr=f"{lr:.2e}")
+                pbar.set_postfix(loss=f"{r.loss:.4f}", **({"of_base": f"{r.loss / baseline:.3f}"} if baseline else {}),
+                                 lr=f"{lr:.2e}")
             if bad_streak >= cfg.max_bad_steps:
                 _stop_on_bad_steps(step, bad_streak, last_ckpt)
             if step in save_at or (cfg.save_every > 0 and step % cfg.save_every == 0):
@@ -445,9 +447,34 @@ def _train(cfg: PretrainConfig, data: TokenData, device: torch.device, rank: Ran
         pbar.close()
     wall = time.time() - t_start
     if rank.is_main:
-        log.info("final loss %s after %d steps (%.1f s, %.0f tokens/s%s)", final_loss, step, wall,
-                 tokens_total / max(wall, 1e-9), f", {skipped} skipped" if skipped else "")
-    return _summary(cfg, start, step, (first_loss, final_loss), wall, tokens_total, last_ckpt, device, skipped)
+        log.info("final loss %s after %d steps (%.1f s, %.0f tokens/s%s)%s", final_loss, step, wall,
+                 tokens_total / max(wall, 1e-9), f", {skipped} skipped" if skipped else "",
+                 f"; {final_loss / baseline:.3f}x its context-free baseline {baseline:.4f}"
+                 if baseline and final_loss is not None else "")
+    summary = _summary(cfg, start, step, (first_loss, final_loss), wall, tokens_total, last_ckpt, device, skipped)
+    summary.update(context_free_baseline=baseline,
+                   loss_over_baseline=final_loss / baseline if baseline and final_loss is not None else None)
+    return summary
+
+
+def _baseline(cfg: PretrainConfig, spec: StepSpec, data: TokenData, setup: RunSetup, rank: Rank) -> float | None:
+    """The run's loss for a student that ignores the context (objectives.context_free_baselines),
+    weighted as the step weights its losses; rank 0 records it in run.json."""
+    b = context_free_baselines(data, setup.special.values(), seed=cfg.seed)
+    kl, ent = b["mlsm_marginal_kl"], b["unigram_entropy"]
+    total = ((kl or 0.0) if spec.use_mlsm else 0.0) + ((spec.mlm_weight if spec.use_mlsm else 1.0) * ent
+                                                       if spec.use_mlm else 0.0)
+    if spec.use_mlsm and kl is None:
+        total = None
+    if rank.is_main:
+        run_json = cfg.out_dir / RUN_JSON
+        doc = json.loads(run_json.read_text())
+        doc["context_free_baseline"] = {**b, "loss": total}
+        write_json_atomic(run_json, doc)
+        if total:
+            log.info("context-free baseline of this run's loss: %.4f (MLSM KL to the mean target %s, unigram "
+                     "entropy %.4f, on %d tokens)", total, f"{kl:.4f}" if kl is not None else "-", ent, b["tokens"])
+    return total
 
 
 def _describe(cfg: PretrainConfig, model: Student, spec: StepSpec, rank: Rank, device: torch.device) -> None:
