@@ -65,33 +65,52 @@ def dense_kl_reference(logits: torch.Tensor, dense_targets: torch.Tensor) -> tor
     return kl[has].sum() / has.sum().clamp(min=1)
 
 
-def context_free_baselines(data, special_ids, max_tokens: int = 200_000, seed: int = 0) -> dict:
+def context_free_baselines(data, special_ids, max_tokens: int = 200_000, seed: int = 0,
+                           read_sequences: int = 64) -> dict:
     """Losses of a student that ignores the context, on a seeded sample of whole sequences (at
-    most `max_tokens` tokens, read as one window: memory does not grow with the corpus).
+    most `max_tokens` tokens).
 
     Only non-special tokens count, as only they are masked. MLSM: predicting the mean target
     costs the mean KL(t || mean t) over the tokens that have a target. MLM: predicting unigram
     frequencies costs their entropy. Both are plug-in estimates on the sample. A loss at its
     baseline means nothing contextual was learnt; `loss / baseline` says how far below it a run got.
+
+    One pass, `read_sequences` sequences at a time: KL(t || m) = sum t log t - sum_k S_k log m_k,
+    with S_k the target mass on atom k, so only per-atom sums are kept and memory stays at one
+    small read whatever the sample.
     """
     import numpy as np
 
     order = np.random.default_rng(seed).permutation(data.num_sequences)
     lengths = data.lengths(order)
-    ids = order[: max(1, int(np.searchsorted(np.cumsum(lengths), max_tokens, side="right")))]
-    w = data.read_window(ids)
-    plain = ~np.isin(w.tokens, np.asarray(sorted(set(special_ids)), dtype=w.tokens.dtype))
-    counts = np.bincount(w.tokens[plain]).astype(np.float64)
-    pu = counts[counts > 0] / max(1, int(plain.sum()))
-    out = {"tokens": int(plain.sum()), "unigram_entropy": float(-(pu * np.log(pu)).sum()), "mlsm_marginal_kl": None}
-    if w.has_codes:
+    ids = np.sort(order[: max(1, int(np.searchsorted(np.cumsum(lengths), max_tokens, side="right")))])
+    special = np.asarray(sorted(set(special_ids)), dtype=np.int32)
+    counts = np.zeros(0, dtype=np.float64)
+    atom_mass = np.zeros(int(data.K), dtype=np.float64) if data.has_codes else None
+    t_log_t, n_plain, n_coded = 0.0, 0, 0
+    for c0 in range(0, len(ids), read_sequences):
+        # max_gap=0: read only the sampled sequences, not their neighbours.
+        w = data.read_window(ids[c0:c0 + read_sequences], max_gap=0)
+        plain = ~np.isin(w.tokens, special)
+        c = np.bincount(w.tokens[plain])
+        if len(c) > len(counts):
+            counts = np.pad(counts, (0, len(c) - len(counts)))
+        counts[:len(c)] += c
+        n_plain += int(plain.sum())
+        if atom_mass is None:
+            continue
         rows = np.repeat(np.arange(len(w.tokens)), np.diff(w.indptr))
         val = w.values.astype(np.float64)
         mass = np.bincount(rows, weights=val, minlength=len(w.tokens))
         keep = plain[rows] & (mass[rows] > 0) & (val > 0)
-        t, idx = val[keep] / mass[rows][keep], w.indices[keep].astype(np.int64)
-        n_coded = int((plain & (mass > 0)).sum())
-        if n_coded:
-            mean_t = np.bincount(idx, weights=t, minlength=int(data.K)) / n_coded
-            out["mlsm_marginal_kl"] = float((t * np.log(t / mean_t[idx])).sum() / n_coded)
+        t = val[keep] / mass[rows][keep]
+        atom_mass += np.bincount(w.indices[keep].astype(np.int64), weights=t, minlength=len(atom_mass))
+        t_log_t += float((t * np.log(t)).sum())
+        n_coded += int((plain & (mass > 0)).sum())
+    pu = counts[counts > 0] / max(1, n_plain)
+    out = {"tokens": n_plain, "unigram_entropy": float(-(pu * np.log(pu)).sum()), "mlsm_marginal_kl": None}
+    if n_coded:
+        used = atom_mass > 0
+        cross = float((atom_mass[used] * np.log(atom_mass[used] / n_coded)).sum())
+        out["mlsm_marginal_kl"] = (t_log_t - cross) / n_coded
     return out
