@@ -15,7 +15,7 @@ fills. To show where it stops, the same pretrain also runs on 10x and 100x the 1
 files of virtual datasets that repeat the 10N parts (no copy), 25M and 250M tokens.
 
 At 10N the staged extract also feeds bench/dictionary_sample.py: the held-out objective of the
-whole-sequence dictionary sample (both paths' rule) against the token-level one it replaced.
+dictionary learnt on both paths' sample (about two tokens per sequence) against a token-level one.
 
 At N only, the tokenization measure of issue 13: the extract workers of `--num-workers 8` run one
 after another (each alone on the machine), once reading the token stream (`--tokens`) and once
@@ -161,6 +161,37 @@ def dictionary_sample_check(a, extract: Path) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def loader_check(a, scaled: Path) -> tuple[Path, float, dict]:
+    """A merged copy of `scaled` (`finalize --merge`: seconds), and the loader's rates through both files."""
+    merged = scaled.parent / "codes-merged"
+    shutil.rmtree(merged, ignore_errors=True)
+    shutil.copytree(scaled, merged)
+    t0 = time.time()
+    run_child(["finalize", str(merged), "--merge"])
+    merge_s = time.time() - t0
+    rates = loader_rates({"finalized": scaled / "codes.h5", "merged": merged / "codes.h5"}, a.loader_batches,
+                         a.loader_rounds, a.batch_size)
+    return merged, merge_s, rates
+
+
+def loader_only(a) -> list[dict]:
+    """--loader-only: the loader measure again on a previous run's codes (`--out` of a run with --keep or not)."""
+    rows = []
+    for tokens in (a.tokens, a.factor * a.tokens):
+        scaled = a.out / f"n{tokens}" / "codes-scaled"
+        if not (scaled / "codes.h5").exists():
+            sys.exit(f"{scaled / 'codes.h5'} is missing: run bench/scale.py with the same --out first.")
+        merged, _, rates = loader_check(a, scaled)
+        shutil.rmtree(merged)
+        rows.append({"tokens": tokens, "loader_tokens_per_s": rates["finalized"]["tokens_per_s"],
+                     "loader_merged_tokens_per_s": rates["merged"]["tokens_per_s"],
+                     "loader_spread": {k: v["spread"] for k, v in rates.items()},
+                     "loader_finalized_over_merged": round(rates["finalized"]["tokens_per_s"]
+                                                           / rates["merged"]["tokens_per_s"], 3)})
+    print(json.dumps(rows))
+    return rows
+
+
 def one_size(a, tokens: int, large: bool = False) -> dict:
     out = a.out / f"n{tokens}"
     shutil.rmtree(out, ignore_errors=True)
@@ -178,13 +209,7 @@ def one_size(a, tokens: int, large: bool = False) -> dict:
                     watch=[scaled])
     print(json.dumps({"tokens": tokens, "tokenize": tok, "extract": ext, "staged_code": stg, "fused": fus}), flush=True)
     report = json.loads((scaled / "manifest.json").read_text())["report"]
-    merged = out / "codes-merged"
-    shutil.copytree(scaled, merged)
-    t0 = time.time()
-    run_child(["finalize", str(merged), "--merge"])
-    merge_s = time.time() - t0
-    rates = loader_rates({"finalized": scaled / "codes.h5", "merged": merged / "codes.h5"}, a.loader_batches,
-                         a.loader_rounds, a.batch_size)
+    merged, merge_s, rates = loader_check(a, scaled)
     train = run_child(["pretrain", "--data", str(scaled / "codes.h5"), "--out", str(out / "run"), "--steps",
                        str(a.train_steps), "--batch-size", str(a.batch_size), "--device", a.device, "--no-progress"])
     n = json.loads((tokens_dir / "manifest.json").read_text())["tokens"]
@@ -233,8 +258,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dict-samples", type=int, default=20_000, help="Same at both sizes (memory scales with it).")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--loader-batches", type=int, default=200)
-    ap.add_argument("--loader-rounds", type=int, default=3)
+    # One window (4,096 sequences) is read per 128 batches: 1000 batches read 8 of them per round,
+    # and the best of 5 rounds (200 x 3 gave 0.70-0.96 for the same two files).
+    ap.add_argument("--loader-batches", type=int, default=1000)
+    ap.add_argument("--loader-rounds", type=int, default=5)
+    ap.add_argument("--loader-only", action="store_true",
+                    help="Only the loader measure, on the codes a previous run left in --out.")
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--workers", type=int, default=8, help="Extract workers of the tokenization measure (0: skip).")
     ap.add_argument("--dict-seeds", type=int, default=3, help="Seeds of the dictionary-sample check at 10N (0: skip).")
@@ -244,6 +273,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
     a = ap.parse_args(argv)
     a.out = a.out.resolve()
+    if a.loader_only:
+        return loader_only(a)
     rows = [one_size(a, a.tokens), one_size(a, a.factor * a.tokens, large=True)]
     if a.workers:
         print(json.dumps({"tokenization": tokenization_work(a, a.out / f"n{a.tokens}" / "tokens", a.out, a.workers)}),

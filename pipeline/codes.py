@@ -317,20 +317,25 @@ class _OpenFiles:
     """The few part files read last, open; the least recently used one is closed for a new one."""
 
     def __init__(self, limit: int | None = None):
-        self.limit, self._files = limit or OPEN_PARTS, OrderedDict()
+        self.limit, self._files = limit or OPEN_PARTS, OrderedDict()  # path -> (file, {name: dataset})
 
-    def get(self, path: Path) -> h5py.File:
-        f = self._files.pop(path, None)
-        if f is None:
+    def dataset(self, path: Path, name: str) -> h5py.Dataset:
+        """The dataset `name` of the part `path`; its handle is kept with the file (a lookup by name
+        per slice costs more than small slices do)."""
+        entry = self._files.pop(path, None)
+        if entry is None:
             if len(self._files) >= self.limit:
-                self._files.popitem(last=False)[1].close()
-            f = h5py.File(path, "r")
-        self._files[path] = f
-        return f
+                self._files.popitem(last=False)[1][0].close()
+            entry = (h5py.File(path, "r"), {})
+        self._files[path] = entry
+        ds = entry[1].get(name)
+        if ds is None:
+            ds = entry[1][name] = entry[0][name]
+        return ds
 
     def close(self) -> None:
         while self._files:
-            self._files.popitem()[1].close()
+            self._files.popitem()[1][0].close()
 
 
 class SliceReader:
@@ -377,7 +382,7 @@ class SliceReader:
                                 "damaged. Re-run `mlsm finalize` on its folder.")
             start, stop, path, name, src = self.sources[i]
             end = min(hi, stop)
-            self.files.get(path)[name].read_direct(out, np.s_[src + lo - start:src + end - start],
+            self.files.dataset(path, name).read_direct(out, np.s_[src + lo - start:src + end - start],
                                                    np.s_[at:at + end - lo])
             at, lo, i = at + end - lo, end, i + 1
 

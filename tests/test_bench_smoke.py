@@ -98,6 +98,10 @@ def test_bench_scale(tiny):
     assert all(p["peak_rss_mb_train"] > 0 for p in plateau)
     sample = out[1]["dictionary_sample"]
     assert len(sample["runs"]) == 1 and sample["runs"][0]["heldout_objective_per_sequence_2"] > 0
+    again = bench("scale.py", "--loader-only", "--tokens", 1200, "--factor", 2, "--loader-batches", 3,
+                  "--loader-rounds", 1, "--batch-size", 4, "--out", tiny / "scale")  # on the codes left above
+    assert [r["tokens"] for r in again] == [1200, 2400]
+    assert all(r["loader_tokens_per_s"] > 0 and r["loader_finalized_over_merged"] > 0 for r in again)
 
 
 def test_bench_dictionary_sample(tiny):
