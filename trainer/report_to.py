@@ -86,7 +86,9 @@ class WandbSink:
         id_path = run_dir / WANDB_ID_FILE
         run_id = id_path.read_text().strip() if resume_step > 0 and id_path.is_file() else None
         kw = dict(project=os.environ.get("WANDB_PROJECT") or "mlsm", name=report.name, group=report.group,
-                  config=report.config, id=run_id or wandb.util.generate_id(), resume="allow")
+                  config=report.config)
+        if run_id is not None:
+            kw.update(id=run_id, resume="allow")
         if not os.environ.get("WANDB_DIR"):
             kw["dir"] = str(run_dir)
         if not wandb_configured():
