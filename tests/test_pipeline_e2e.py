@@ -231,6 +231,7 @@ def test_export_card_follows_the_stage_manifests_and_ships_the_dictionary(coded,
     assert float(rows["solver tolerance (certified relative duality gap)"]) == codes_man["params"]["tol"]
     assert rows["corpus fingerprint"] == ext_man["inputs"]["corpus"]
     assert int(rows["training tokens"]) == ext_man["tokens"] == codes_man["tokens"]
+    assert {"`mlsm_head.safetensors`", "`dictionary.h5`"} <= set(rows)  # the files table names both
     ns = run_card_snippet(out, monkeypatch)
     assert ns["D"].shape == (384, codes_man["params"]["K"])
     assert ns["lsp"].shape[-1] == codes_man["params"]["K"]

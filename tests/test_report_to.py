@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 
 import numpy as np
 import pytest
@@ -158,8 +159,12 @@ def test_wandb_offline_run_holds_the_logged_rows_and_a_resume_reuses_it(codes_h5
     run_id = (run / WANDB_ID_FILE).read_text().strip()
     offline = sorted((tmp_path / "wandb-dir" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1
-    history = _wandb_history(offline[0] / f"run-{run_id}.wandb")
     rows = _metrics(run)
+    for _ in range(100):  # wandb-core may still be writing the file when finish() returns: wait, bounded
+        history = _wandb_history(offline[0] / f"run-{run_id}.wandb")
+        if len(history) >= len(rows):
+            break
+        time.sleep(0.1)
     assert [h["_step"] for h in history] == [r["step"] for r in rows] == [1, 2, 3, 4]
     for h, r in zip(history, rows, strict=True):
         assert {k: h[k] for k in report_to.scalars(r)} == report_to.scalars(r)

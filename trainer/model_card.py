@@ -90,6 +90,22 @@ def _targets(objective: str | None, data: dict | None) -> list[tuple[str, object
             ("corpus fingerprint", d.get("corpus_fingerprint")), ("training tokens", d.get("tokens"))]
 
 
+def _files(objective: str | None, heads: dict, dictionary: str | None) -> str:
+    rows = [("`config.json`, `model.safetensors`", "the encoder, loadable with `transformers.AutoModel`"),
+            ("`vocab.txt`, `tokenizer.json`, `tokenizer_config.json`", "its tokenizer (the one its training data was tokenized with)")]
+    if "mlsm_head" in heads:
+        rows.append((f"`{heads['mlsm_head']}`", "the MLSM head (dense, GELU, LayerNorm, K-way decoder)"))
+    if "mlm_head" in heads:
+        rows.append((f"`{heads['mlm_head']}`", "the MLM head (its decoder is tied to the word embeddings)"))
+    if dictionary:
+        rows.append((f"`{dictionary}`", "the dictionary D (d x K) the MLSM targets were coded against"))
+    elif objective == "mlsm":
+        rows.append(("(no dictionary)", "the run's dictionary.h5 was not found, or did not match its codes, at "
+                                        "export time"))
+    rows.append(("`mlsm_export.json`", "source checkpoint, step, heads, dictionary, parameter count"))
+    return "| file | what |\n|---|---|\n" + "".join(f"| {f} | {w} |\n" for f, w in rows)
+
+
 def _snippet(heads: dict, dictionary: str | None) -> str:
     lines = ["import torch", "from transformers import AutoModel, AutoTokenizer"]
     if "mlsm_head" in heads:
@@ -143,20 +159,7 @@ def model_card(name: str, meta: dict, info: dict, hidden: dict, run: dict | None
            _table([("loss at the logged step", None if logged is None else f"{_fmt(loss)} (step {logged['step']})"),
                    ("context-free baseline", base),
                    ("loss / baseline", loss / base if loss is not None and base else None)]),
-           "## Files\n",
-           "| file | what |\n|---|---|\n"
-           "| `config.json`, `model.safetensors` | the encoder, loadable with `transformers.AutoModel` |\n"
-           "| `vocab.txt`, `tokenizer.json`, `tokenizer_config.json` | its tokenizer (the auxiliary model's) |\n"]
-    files = {"mlsm_head": "the MLSM head (dense, GELU, LayerNorm, K-way decoder)",
-             "mlm_head": "the MLM head (its decoder is tied to the word embeddings)"}
-    for head, what in files.items():
-        out.append(f"| `{info['heads'][head]}` | {what} |\n" if head in info["heads"] else "")
-    if dictionary:
-        out.append(f"| `{dictionary}` | the dictionary D (d x K) the MLSM targets were coded against |\n")
-    elif objective == "mlsm":
-        out.append("| (no dictionary) | the dictionary file was not found, or did not match the run's codes, at "
-                   "export time |\n")
-    out.append("| `mlsm_export.json` | source checkpoint, step, heads, parameter count |\n\n")
+           "## Files\n", _files(objective, info["heads"], dictionary)]
     out += ["## Use\n", "Run from this folder (needs `pip install mlsm transformers`):\n\n",
             _snippet(info["heads"], dictionary)]
     return "\n".join(p.rstrip("\n") + "\n" for p in out if p)
