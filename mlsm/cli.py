@@ -189,17 +189,25 @@ def plot(runs, out, smooth, labels):
 @cli.command()
 @click.argument("source")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write the HF model into.")
+@click.option("--license", "license_", default="unknown",
+              help="The model card's license (a Hugging Face license id, e.g. apache-2.0): the weights carry the "
+                   "terms of your corpus and auxiliary model, which mlsm does not know.")
+@click.option("--language", "languages", multiple=True,
+              help="The model card's language(s), e.g. --language en (repeat for several); none: left out.")
 @FORCE
-def export(source, out, force):
+def export(source, out, license_, languages, force):
     """Write SOURCE (a run, a step-XXXXXXX/ checkpoint or an HF dir) as a transformers BERT directory.
 
     \b
     config.json + model.safetensors (BertModel names) + vocab.txt/tokenizer.json/tokenizer_config.json;
-    the pre-training heads go to mlsm_head.safetensors / mlm_head.safetensors (docs/export.md).
+    the pre-training heads go to mlsm_head.safetensors / mlm_head.safetensors, the run's dictionary
+    to dictionary.h5, and README.md is a Hugging Face model card of the run's own records
+    (objective, targets, training, loss against its context-free baseline; docs/export.md).
     """
     from mlsm.trainer.export import export_model
 
-    click.echo(json.dumps(export_model(source, out, force=force), indent=2))
+    info = export_model(source, out, force=force, license=license_, languages=languages)
+    click.echo(json.dumps(info, indent=2))
 
 
 @cli.command("eval-data")

@@ -1,9 +1,12 @@
-"""trainer/export.py: an exported checkpoint loads in transformers and computes our hidden states."""
+"""trainer/export.py: an exported checkpoint loads in transformers and computes our hidden states; its model
+card states the run's own figures (tests/test_pipeline_e2e.py checks them along the whole stage chain)."""
 
 from __future__ import annotations
 
 import json
+import re
 
+import h5py
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,7 +16,11 @@ from mlsm.core.bert import BertConfig, Student
 from mlsm.core.errors import MLSMError
 from mlsm.core.hf import save_model_dir
 from mlsm.trainer.export import MLM_HEAD_FILE, MLSM_HEAD_FILE, export_model, load_mlsm_head
+from mlsm.trainer.model_card import CARD
+from mlsm.trainer.train import run_pretrain
 from tests.test_data import make_tokenizer_dir
+from tests.test_train import SMALL as SMALL_RUN
+from tests.test_train import _cfg, _metrics, codes_h5, one_thread, tokens_h5  # noqa: F401  (fixtures)
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              max_position_embeddings=32)
@@ -98,3 +105,88 @@ def test_export_of_encoder_only_dir_has_no_head(tmp_path):
     export_model(tmp_path / "hf", tmp_path / "export")
     with pytest.raises(MLSMError, match="no mlsm_head"):
         load_mlsm_head(tmp_path / "export")
+
+
+# --------------------------------------------------------------------------- the model card
+
+
+def card_rows(text: str) -> dict[str, str]:
+    """The card's two-column tables as {field: value}."""
+    return dict(re.findall(r"^\| (.+?) \| (.+?) \|$", text, re.M))
+
+
+def run_card_snippet(export_dir, monkeypatch) -> dict:
+    """The card's Python block, executed as written from the export folder; returns its namespace."""
+    block = re.search(r"```python\n(.*?)```", (export_dir / CARD).read_text(), re.S).group(1)
+    monkeypatch.chdir(export_dir)
+    ns: dict = {}
+    exec(compile(block, str(export_dir / CARD), "exec"), ns)
+    return ns
+
+
+def load_card(export_dir):
+    try:
+        from huggingface_hub import ModelCard
+    except ImportError:
+        pytest.skip("huggingface_hub is not installed (the test extra has it); the card cannot be validated")
+    return ModelCard.load(export_dir / CARD)
+
+
+def test_card_states_the_runs_own_figures_and_its_snippet_runs(codes_h5, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    summary = run_pretrain(_cfg(codes_h5, run, steps=12, batch_size=16, lr=5e-3))
+    out = tmp_path / "export"
+    info = export_model(run, out, license="apache-2.0", languages=("en",))
+    assert info["model_card"] == CARD and info["dictionary"] is None  # this synthetic data has no dictionary.h5
+    card = load_card(out)
+    assert card.data.license == "apache-2.0" and card.data.library_name == "transformers"
+    assert card.data.language == ["en"]
+    assert {"mlsm", "masked-latent-semantic-modeling", "feature-extraction"} <= set(card.data.tags)
+
+    rows = card_rows((out / CARD).read_text())
+    doc = json.loads((run / "run.json").read_text())
+    with h5py.File(codes_h5) as f:
+        attrs, n_tokens = dict(f.attrs), f["tokens"].shape[0]
+    assert int(rows["checkpoint step"]) == doc["config"]["steps"] == 12
+    assert int(rows["batch size (sequences per step)"]) == doc["config"]["batch_size"]
+    assert float(rows["peak learning rate"]) == doc["config"]["lr"]
+    assert int(rows["K (dictionary atoms)"]) == attrs["K"] and int(rows["auxiliary layer"]) == attrs["layer"]
+    assert float(rows["lambda (L1 penalty)"]) == pytest.approx(attrs["lambda"])
+    assert int(rows["training tokens"]) == n_tokens
+    # what this data does not record is said to be missing, not made up
+    for field in ("auxiliary model", "solver tolerance (certified relative duality gap)", "corpus fingerprint"):
+        assert rows[field] == "not recorded", field
+    last = _metrics(run)[-1]
+    loss, at = re.match(r"(\S+) \(step (\d+)\)", rows["loss at the logged step"]).groups()
+    assert int(at) == last["step"] == 12 and float(loss) == pytest.approx(last["loss"], rel=1e-5)
+    assert float(rows["context-free baseline"]) == pytest.approx(doc["context_free_baseline"]["loss"], rel=1e-5)
+    assert float(rows["loss / baseline"]) == pytest.approx(summary["loss_over_baseline"], rel=1e-4)
+
+    ns = run_card_snippet(out, monkeypatch)
+    assert ns["lsp"].shape == (*ns["inputs"]["input_ids"].shape, attrs["K"])
+    torch.testing.assert_close(ns["lsp"].sum(-1), torch.ones(ns["lsp"].shape[:2]))
+
+
+def test_card_of_an_mlm_run_says_it_has_no_auxiliary_model(tokens_h5, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run_pretrain(_cfg(tokens_h5, run, objective="mlm", steps=3))
+    out = tmp_path / "export"
+    export_model(run, out)
+    card = load_card(out)
+    assert card.data.license == "unknown" and "masked-latent-semantic-modeling" not in card.data.tags
+    assert "masked-language-modeling" in card.data.tags
+    rows = card_rows((out / CARD).read_text())
+    for field in ("auxiliary model", "auxiliary layer", "K (dictionary atoms)", "lambda (L1 penalty)"):
+        assert rows[field] == "none: an MLM-only run has no auxiliary model", field
+    ns = run_card_snippet(out, monkeypatch)
+    assert "head" not in ns and ns["hidden"].shape[-1] == SMALL_RUN["hidden_size"]
+
+
+def test_card_of_a_source_outside_a_run_says_its_training_is_not_recorded(tmp_path):
+    _student_step_dir(tmp_path)  # a checkpoint folder with no run.json beside it
+    export_model(tmp_path / "run", tmp_path / "export")
+    card = load_card(tmp_path / "export")
+    assert "no run.json" in card.text
+    rows = card_rows(card.text)
+    assert rows["peak learning rate"] == rows["context-free baseline"] == "not recorded"
+    assert rows["checkpoint step"] == "10"  # the checkpoint's own config.json has it

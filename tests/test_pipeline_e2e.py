@@ -205,3 +205,33 @@ def test_the_readme_inspection_snippet_runs_as_written(coded, extracted, tmp_pat
     assert ns["X"].shape == (len(first), 384)
     assert ns["tokens"].shape[0] == ns["ptr"].shape[0] - 1
     assert ns["target"].sum() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_export_card_follows_the_stage_manifests_and_ships_the_dictionary(coded, extracted, workdir, monkeypatch):
+    from mlsm.trainer.export import export_model
+    from tests.test_export import card_rows, load_card, run_card_snippet
+
+    run_dir = workdir / "run-card"
+    assert run("pretrain", "--data", str(coded / "codes.h5"), "--out", str(run_dir), "--steps", "6",
+               "--batch-size", "8", "--lr", "3e-3", "--log-every", "2", "--no-progress") == 0
+    out = workdir / "export-card"
+    info = export_model(run_dir, out)
+    assert info["dictionary"] == "dictionary.h5"
+    with h5py.File(coded / "dictionary.h5") as a, h5py.File(out / "dictionary.h5") as b:
+        np.testing.assert_array_equal(a["D"][:], b["D"][:])
+    load_card(out)
+    rows = card_rows((out / "README.md").read_text())
+    codes_man = json.loads((coded / "manifest.json").read_text())
+    ext_man = json.loads((extracted / "manifest.json").read_text())
+    assert rows["auxiliary model"].startswith(ext_man["aux"] + " (weights sha256 ")
+    assert ext_man["inputs"]["aux_weights"].startswith(rows["auxiliary model"].split("sha256 ")[1].rstrip(")"))
+    assert int(rows["auxiliary layer"]) == codes_man["params"]["layer"] == 6
+    assert int(rows["K (dictionary atoms)"]) == codes_man["params"]["K"]
+    assert float(rows["lambda (L1 penalty)"]) == codes_man["params"]["lambda"]
+    assert float(rows["solver tolerance (certified relative duality gap)"]) == codes_man["params"]["tol"]
+    assert rows["corpus fingerprint"] == ext_man["inputs"]["corpus"]
+    assert int(rows["training tokens"]) == ext_man["tokens"] == codes_man["tokens"]
+    assert {"`mlsm_head.safetensors`", "`dictionary.h5`"} <= set(rows)  # the files table names both
+    ns = run_card_snippet(out, monkeypatch)
+    assert ns["D"].shape == (384, codes_man["params"]["K"])
+    assert ns["lsp"].shape[-1] == codes_man["params"]["K"]

@@ -2,7 +2,8 @@
 
 Our checkpoints already use HF parameter names; export drops what `transformers` would not expect
 (trainer state, head weights inside model.safetensors), guarantees the tokenizer files that
-`AutoTokenizer` needs, and writes each head to its own safetensors file (see docs/export.md).
+`AutoTokenizer` needs, writes each head to its own safetensors file, copies the dictionary the
+MLSM targets were coded against, and writes a model card (README.md; see docs/export.md).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from mlsm import __version__
 from mlsm.core import hf
 from mlsm.core.bert import BertConfig, MLSMHead
 from mlsm.core.errors import MLSMError
+from mlsm.core.layout import DICTIONARY, dictionary_fingerprint
 from mlsm.core.manifest import atomic_path
+from mlsm.trainer.model_card import CARD, model_card, run_records
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +65,28 @@ def _write_tokenizer(model_dir: Path, out: Path) -> None:
         (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
-def export_model(src: str | Path, out: Path, force: bool = False) -> dict:
+def _run_dictionary(run: dict | None) -> Path | None:
+    """The run's dictionary.h5, if it is still where run.json says and is the one its codes were made with."""
+    import h5py
+
+    data = (run or {}).get("data") or {}
+    path, want = data.get("dictionary_file"), data.get("dictionary_fingerprint")
+    if not path or not want or not Path(path).is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            D = f["D"][:]
+    except (OSError, KeyError):
+        return None
+    return Path(path) if dictionary_fingerprint(D) == want else None
+
+
+def export_model(src: str | Path, out: Path, force: bool = False, license: str = "unknown",
+                 languages: tuple[str, ...] = ()) -> dict:
     """Write a transformers-compatible BertModel directory from a run, step or HF model directory.
 
-    Returns a summary (source, heads written, parameter count). The folder appears only complete.
+    Returns a summary (source, heads written, dictionary, parameter count). The folder appears only
+    complete. `license` and `languages` go into the model card's metadata.
     """
     from safetensors.torch import save_file
 
@@ -85,6 +106,11 @@ def export_model(src: str | Path, out: Path, force: bool = False) -> dict:
         if part:
             heads[name] = part
 
+    run, rows = run_records(model_dir)
+    dictionary = _run_dictionary(run) if "mlsm_head" in heads else None
+    if "mlsm_head" in heads and dictionary is None:
+        log.warning("the run's dictionary.h5 was not found where run.json says (or it is not the one its codes were "
+                    "made with): the export has the MLSM head without it")
     info = {
         "source": str(model_dir),
         "step": meta.get("step"),
@@ -94,6 +120,8 @@ def export_model(src: str | Path, out: Path, force: bool = False) -> dict:
         "codes_layer": meta.get("codes_layer"),
         "codes_lambda": meta.get("codes_lambda"),
         "heads": {n: HEAD_FILES[n] for n in heads},
+        "dictionary": DICTIONARY if dictionary is not None else None,
+        "model_card": CARD,
         "parameters": int(sum(v.numel() for v in encoder.state_dict().values())),
         "mlsm_version": __version__,
     }
@@ -115,6 +143,10 @@ def export_model(src: str | Path, out: Path, force: bool = False) -> dict:
                 head_meta["codes_lambda"] = str(meta.get("codes_lambda"))
             save_file(part, str(tmp / HEAD_FILES[name]), metadata=head_meta)
         _write_tokenizer(model_dir, tmp)
+        if dictionary is not None:
+            shutil.copyfile(dictionary, tmp / DICTIONARY)
+        card = model_card(out.name, meta, info, cfg, run, rows, info["dictionary"], license, list(languages))
+        (tmp / CARD).write_text(card, encoding="utf-8")
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     log.info("exported %s -> %s (heads: %s)", model_dir, out, ", ".join(heads) or "none")
     return info

@@ -34,6 +34,8 @@ from mlsm.core.config import FinetuneConfig
 from mlsm.core.device import pick_device, resolve_precision
 from mlsm.core.errors import MLSMError
 from mlsm.core.manifest import write_json_atomic
+from mlsm.trainer.metrics_log import MetricsLog
+from mlsm.trainer.report_to import Report, require_sink
 from mlsm.trainer.scores import mean_std, scores
 from mlsm.trainer.train import lr_at, param_groups
 
@@ -291,8 +293,22 @@ def predict(model: Classifier, data: list[Example], pad_id: int, device, batch: 
     return np.concatenate(golds), np.concatenate(preds)
 
 
+def config_json(cfg: FinetuneConfig) -> dict:
+    """The settings as results.json and the dashboards record them."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def seed_dir(cfg: FinetuneConfig, seed: int) -> Path | None:
+    """<out>/<task>/seed-<seed>/: one seed's metrics.jsonl (and its --report-to mirror), as a run folder."""
+    return None if cfg.out_dir is None else Path(cfg.out_dir) / f"seed-{seed}"
+
+
 def run_seed(cfg: FinetuneConfig, task: Task, encoded: dict[str, list[Example]], seed: int, device, pad_id: int) -> dict:
-    """Fine-tune a fresh copy of the encoder with one seed; scores after the last epoch."""
+    """Fine-tune a fresh copy of the encoder with one seed; scores after the last epoch.
+
+    With --out, the training loss goes to the seed's metrics.jsonl every log_every steps, and the
+    scores as a last row at the last step.
+    """
     torch.manual_seed(seed)
     bf16 = cfg.precision == "bf16"
     encoder, _, _ = hf.load_encoder(cfg.model, device=device)
@@ -305,33 +321,41 @@ def run_seed(cfg: FinetuneConfig, task: Task, encoded: dict[str, list[Example]],
     rng = np.random.default_rng(seed)
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
     step, t0, losses = 0, time.time(), []
-    bar = tqdm(total=total, desc=f"{task.name} seed {seed}", unit="step", disable=not cfg.progress, leave=False)
-    while step < total:
-        order = rng.permutation(len(train))
-        for i in range(0, len(order), cfg.batch):
-            if step >= total:
-                break
-            model.train()
-            b = collate([train[j] for j in order[i:i + cfg.batch]], pad_id, token_task, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(b["ids"], b["mask"], b["types"])
-            loss = loss_fn(logits.float().reshape(-1, logits.shape[-1]), b["labels"].reshape(-1))
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, sched)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            bar.update(1)
-    bar.close()
-    result = {"seed": seed, "steps": total, "train_loss_first": losses[0],
-              "train_loss_last": float(np.mean(losses[-10:])), "train_s": round(time.time() - t0, 2)}
-    for split in ("dev", "test"):
-        if split in encoded:
-            gold, pred = predict(model, encoded[split], pad_id, device, max(cfg.batch, 64), bf16)
-            result[split] = {**scores(gold, pred, len(task.labels)), "n": int(len(gold))}
+    folder = seed_dir(cfg, seed)
+    report = Report(cfg.report_to, name=f"{task.name}-seed-{seed}", group=task.name,
+                    config=config_json(cfg) | {"seed": seed})
+    with MetricsLog(folder or Path(), 0, enabled=folder is not None, report=report) as metrics:
+        bar = tqdm(total=total, desc=f"{task.name} seed {seed}", unit="step", disable=not cfg.progress, leave=False)
+        while step < total:
+            order = rng.permutation(len(train))
+            for i in range(0, len(order), cfg.batch):
+                if step >= total:
+                    break
+                model.train()
+                b = collate([train[j] for j in order[i:i + cfg.batch]], pad_id, token_task, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(b["ids"], b["mask"], b["types"])
+                loss = loss_fn(logits.float().reshape(-1, logits.shape[-1]), b["labels"].reshape(-1))
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, sched)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                losses.append(float(loss.detach()))
+                step += 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step in (1, total):
+                    metrics.write({"step": step, "loss": losses[-1], "lr": opt.param_groups[0]["lr"],
+                                   "grad_norm": float(grad_norm), "elapsed_s": time.time() - t0})
+        bar.close()
+        result = {"seed": seed, "steps": total, "train_loss_first": losses[0],
+                  "train_loss_last": float(np.mean(losses[-10:])), "train_s": round(time.time() - t0, 2)}
+        for split in ("dev", "test"):
+            if split in encoded:
+                gold, pred = predict(model, encoded[split], pad_id, device, max(cfg.batch, 64), bf16)
+                result[split] = {**scores(gold, pred, len(task.labels)), "n": int(len(gold))}
+                metrics.write({"step": total, **{f"{split}_{k}": v for k, v in result[split].items() if k != "n"}})
     return result
 
 
@@ -372,6 +396,7 @@ def markdown_table(results: list[dict]) -> str:
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """All seeds on one task; writes results.json and results.md into out_dir (if given)."""
     cfg.validate()
+    require_sink(cfg.report_to)  # a missing package is an error before any fine-tuning starts
     device = pick_device(cfg.device)
     model_dir = hf.resolve_model_dir(cfg.model)
     if model_dir.name.startswith("step-"):
@@ -407,7 +432,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         "model_name": model_name,
         "model_step": meta.get("step"), "model_objective": meta.get("objective"),
         "sizes": {k: len(v) for k, v in encoded.items()},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
+        "config": config_json(cfg),
         "seeds": per_seed, "summary": summarize(per_seed), "mlsm_version": __version__,
     }
     if cfg.out_dir is not None:

@@ -34,6 +34,8 @@ from mlsm.trainer.checkpoint import Checkpoints
 from mlsm.trainer.data import BatchIterator, Masking, Prefetcher
 from mlsm.trainer.metrics_log import MetricsLog
 from mlsm.trainer.objectives import context_free_baselines, mlm_loss, mlsm_kl_loss
+from mlsm.trainer.provenance import data_provenance
+from mlsm.trainer.report_to import Report, require_sink
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +240,7 @@ def _check_resume_config(old: dict, new: dict, latest_step: int, device_type: st
         )
 
 
-def _prepare_run_dir(cfg: PretrainConfig, ckpts: Checkpoints, data_fp: str, tok_fp: str,
+def _prepare_run_dir(cfg: PretrainConfig, ckpts: Checkpoints, data: TokenData, data_fp: str, tok_fp: str,
                      device: torch.device) -> tuple[int, Path] | None:
     """Rank 0: clean what a kill left, check a resumed run's settings, pick the checkpoint to resume."""
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +259,7 @@ def _prepare_run_dir(cfg: PretrainConfig, ckpts: Checkpoints, data_fp: str, tok_
         else:
             log.info("%s has no usable checkpoint yet; starting afresh", cfg.out_dir)
     write_json_atomic(run_json, {"config": cfg.to_json(), "data_fingerprint": data_fp, "tokenizer_fingerprint": tok_fp,
-                                 "mlsm_version": __version__})
+                                 "data": data_provenance(data), "mlsm_version": __version__})
     return latest
 
 
@@ -294,7 +296,7 @@ def prepare_run(cfg: PretrainConfig, data: TokenData, rank: Rank, ckpts: Checkpo
     latest, error = None, None
     if rank.is_main:  # the run folder is rank 0's; every rank learns which checkpoint to resume from
         try:
-            latest = _prepare_run_dir(cfg, ckpts, data_fp, tok_fp, device)
+            latest = _prepare_run_dir(cfg, ckpts, data, data_fp, tok_fp, device)
         except MLSMError as e:
             error = str(e)
     latest, error = rank.broadcast_object((latest, error))
@@ -349,6 +351,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     are averaged by DDP, and rank 0 alone writes the run directory.
     """
     cfg.validate()
+    require_sink(cfg.report_to)  # a missing package is an error before any training starts
     device = pick_device(cfg.device)
     # run.json records the precision used; a resumed run must use the same one (auto resolves alike
     # on the same machine; moving a run to a machine where it does not is refused, not silent).
@@ -384,7 +387,8 @@ def _train(cfg: PretrainConfig, data: TokenData, device: torch.device, rank: Ran
     start = setup.resume[0] if setup.resume else 0
     state = ckpts.restore(setup.resume[1], opt, batches, rank, device) if setup.resume else {}
     skipped, bad_streak = int(state.get("skipped_steps", 0)), int(state.get("bad_streak", 0))
-    metrics = MetricsLog(cfg.out_dir, start, enabled=rank.is_main)
+    metrics = MetricsLog(cfg.out_dir, start, enabled=rank.is_main,
+                         report=Report(cfg.report_to, name=cfg.out_dir.name, config=cfg.to_json()))
     last_ckpt = setup.resume[1] if setup.resume else None
     if start >= cfg.steps:
         log.info("%s already reached step %d; nothing to do", cfg.out_dir, start) if rank.is_main else None

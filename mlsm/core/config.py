@@ -150,11 +150,19 @@ def _precision(what: str, record: bool = False):
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+REPORT_TO = ("none", "tensorboard", "wandb")
 _DEVICE_HELP = "auto picks cuda when torch sees a GPU, else cpu."
 _PRECISION_HELP = ("auto: bf16 on CUDA and on CPUs with a native bf16 matmul (AMX, AVX512-BF16, Arm BF16), "
                    "fp32 elsewhere (emulated bf16 is slower).")
 _FORCE_HELP = "Redo the stage, deleting its previous outputs in --out."
 _PROGRESS_HELP = "Progress bars (logs stay either way)."
+
+
+def _report_to(where: str):
+    return opt("none", f"Also mirror every metrics.jsonl row ({where}) to TensorBoard (tensorboard/ beside it) or "
+                       "Weights & Biases (offline unless WANDB_MODE, WANDB_API_KEY or `wandb login` says otherwise). "
+                       "Optional extras: pip install mlsm[tensorboard] / mlsm[wandb].",
+               type=click.Choice(REPORT_TO))
 
 
 def worker_flag_problems(index: int | None, count: int | None) -> list[str]:
@@ -321,12 +329,13 @@ class PretrainConfig:
     milestones: bool = opt(True, "Checkpoint at 10/25/50/100% of the steps, as the paper reports.")
     keep_last: int = opt(0, "Keep only this many periodic checkpoints (milestones and the last are kept; 0: all).")
     log_every: int = opt(10, "Steps between metrics.jsonl records.")
+    report_to: str = _report_to("<run>/metrics.jsonl")
     max_bad_steps: int = opt(10, "Steps with a non-finite loss or gradient are skipped; this many in a row stop "
                                  "the run.")
     progress: bool = opt(True, _PROGRESS_HELP)
 
     RESUMABLE = frozenset({"steps", "device", "log_every", "save_every", "milestones", "keep_last", "progress",
-                           "data", "out_dir", "compile", "max_bad_steps"})
+                           "data", "out_dir", "compile", "max_bad_steps", "report_to"})
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
@@ -391,10 +400,16 @@ class FinetuneConfig:
     label_col: str | None = opt(None, "Label column by name or 0-based index.")
     device: str = opt("auto", _DEVICE_HELP)
     precision: str = _precision("bf16 is autocast; weights and optimizer stay fp32.")
+    log_every: int = opt(10, "Steps between the training-loss records of <out>/<task>/seed-<seed>/metrics.jsonl.")
+    report_to: str = _report_to("<out>/<task>/seed-<seed>/metrics.jsonl; needs --out")
     progress: bool = opt(True, _PROGRESS_HELP)
 
     def validate(self) -> None:
         problems = []
+        if self.report_to != "none" and self.out_dir is None:
+            problems.append(f"--report-to {self.report_to} mirrors metrics.jsonl, which is written only with --out")
+        if self.log_every < 1:
+            problems.append(f"log_every must be >= 1 (got {self.log_every})")
         if self.seeds < 1:
             problems.append(f"seeds must be >= 1 (got {self.seeds})")
         if self.epochs <= 0:
