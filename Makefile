@@ -33,11 +33,11 @@ AUX_RUN     ?= runs/aux-$(or $(MODEL),tiny)
 # $(call opt,--flag,VAR): "--flag value" when VAR is set, nothing otherwise.
 opt = $(if $($(2)),$(1) $($(2)))
 
-.PHONY: help setup test corpus extract sparse-code tokens pretrain aux clean-hidden clean bench-sparse gpu-check
+.PHONY: help setup test corpus extract sparse-code tokens pretrain aux atoms clean-hidden clean bench-sparse gpu-check
 
 help:
 	@sed -n '2,5p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: setup corpus extract sparse-code pretrain tokens aux test lint test-soak eval-data export compare plot"
+	@echo "targets: setup corpus extract sparse-code pretrain tokens aux atoms test lint test-soak eval-data export compare plot"
 	@echo "         bench (bench-sparse bench-train bench-extract) bench-memory bench-scale gpu-check finalize"
 	@echo "         clean-hidden clean"
 
@@ -129,6 +129,11 @@ pretrain: sparse-code
 	    $(call opt,--device,DEVICE)
 	@echo
 	@echo "Done. The log above names the student's run folder (checkpoints step-*/, metrics.jsonl)."
+
+# The LSP explorer: one self-contained HTML page (and its JSON twin) of the codes' atoms (docs/atoms.md).
+ATOMS_OUT   ?= reports/atoms.html
+atoms: sparse-code
+	$(MLSM) atoms --codes $(or $(CODES_DIR),data/codes) $(call opt,--extract-dir,EXTRACT_DIR) --out $(ATOMS_OUT)
 
 tokens: setup $(CORPUS_DEP)
 	$(MLSM) tokenize --corpus "$(CORPUS)" --max-tokens $(TOKENS) $(call opt,--tokenizer-from,AUX) \

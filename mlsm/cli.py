@@ -13,6 +13,7 @@ import click
 
 from mlsm import __version__
 from mlsm.core.config import (
+    AtomsConfig,
     ExtractConfig,
     FinetuneConfig,
     LayerReportConfig,
@@ -54,6 +55,7 @@ def cli(verbose: bool, threads: int | None):
       mlsm eval-data    offline downstream tasks -> data/eval/{bbc,supersense,pos}/
       mlsm finetune     fine-tune + score a checkpoint on a task (mean +- std over seeds)
       mlsm layer-report which auxiliary layer to take targets from (extract --layers first)
+      mlsm atoms        what each atom (LSP) stands for: an HTML explorer of a codes folder
       mlsm export       a transformers BERT directory from any checkpoint
       mlsm plot         loss curves of runs
     """
@@ -260,6 +262,29 @@ def layer_report(**kw):
     from mlsm.pipeline.layer_report import markdown
 
     click.echo(markdown(run(from_cli(LayerReportConfig, kw))))
+
+
+@cli.command()
+@click_options(AtomsConfig)
+def atoms(**kw):
+    """Write an HTML explorer of the dictionary's atoms (and its JSON twin) from a codes folder.
+
+    \b
+    Per atom: its usage (share of tokens, share of code mass), the tokens that fire it most (by
+    count and by mean weight), highlighted contexts with its weight, its nearest atoms (cosine of
+    dictionary atoms) and its class as `mlsm layer-report` measures it (lexical, few-type,
+    semantic, dead). A search box finds the atoms a word fires most, or an atom by id.
+    The page is one file (inline CSS, JS and data; no network), e.g.
+      mlsm atoms --codes data/codes --out reports/atoms.html
+    The codes folder suffices: codes.h5 holds the token stream the contexts are cut from.
+    """
+    from mlsm.pipeline.atoms import atom_report
+
+    report = atom_report(from_cli(AtomsConfig, kw))
+    s = report["summary"]["layer_report"]
+    click.echo(json.dumps({"page": str(kw["out"]), "json": str(Path(kw["out"]).with_suffix(".json")),
+                           "atoms_used": s["atoms_used"], "tokens_counted": report["meta"]["tokens_counted"],
+                           "classes": {c["class"]: c["atoms"] for c in report["summary"]["classes"]}}, indent=2))
 
 
 def main(argv=None):

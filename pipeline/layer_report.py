@@ -44,34 +44,59 @@ def aux_flops_per_token(config: dict, layer: int, seq_len: int) -> float:
     return float(layer * per_block)
 
 
-def atom_stats(codes: torch.Tensor, token_ids: np.ndarray, few: int) -> dict:
+def atom_type_profile(pair_atoms: np.ndarray, pair_counts: np.ndarray, K: int):
+    """Per atom, from its (atom, token type) pairs and their counts: activations, token types, and
+    the count of its most frequent type. `mlsm atoms` feeds it the whole code stream's pairs."""
+    pair_atoms = np.asarray(pair_atoms, dtype=np.int64)
+    pair_counts = np.asarray(pair_counts, dtype=np.int64)
+    uses = np.bincount(pair_atoms, weights=pair_counts, minlength=K).astype(np.int64)
+    types = np.bincount(pair_atoms, minlength=K).astype(np.int64)
+    top_type = np.zeros(K, dtype=np.int64)
+    np.maximum.at(top_type, pair_atoms, pair_counts)
+    return uses, types, top_type
+
+
+def lexical_atoms(uses: np.ndarray, top_type: np.ndarray) -> np.ndarray:
+    """Used atoms of which one token type makes up at least half of the activations."""
+    return (uses > 0) & (top_type >= 0.5 * uses)
+
+
+def few_type_atoms(uses: np.ndarray, types: np.ndarray, few: int) -> np.ndarray:
+    """Used atoms that fire for at most `few` token types."""
+    return (uses > 0) & (types <= few)
+
+
+def summarize_atoms(uses: np.ndarray, types: np.ndarray, top_type: np.ndarray, few: int) -> dict:
     """Usage entropy, and how lexical the atoms are: share spanning <= `few` types, share dominated by one."""
-    K = codes.shape[1]
-    active = codes > 0
-    uses = active.sum(0).double()
+    K = len(uses)
     used = uses > 0
-    p = uses[used] / uses.sum()
-    entropy = float(-(p * p.log2()).sum()) if len(p) else 0.0
-    tok = torch.as_tensor(token_ids.astype(np.int64))
-    rows, atoms = active.nonzero(as_tuple=True)
-    if len(rows):
-        pairs, counts = torch.unique(torch.stack([atoms, tok[rows]]), dim=1, return_counts=True)
-    else:
-        pairs, counts = torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    types_per_atom = torch.bincount(pairs[0], minlength=K)
-    top_type = torch.zeros(K, dtype=torch.long).scatter_reduce(0, pairs[0], counts, reduce="amax")
     n_used = int(used.sum())
-    few_share = float(((types_per_atom[used] <= few).sum()) / n_used) if n_used else float("nan")
-    lexical = float((top_type[used] >= 0.5 * uses[used]).sum() / n_used) if n_used else float("nan")
+    p = uses[used] / uses.sum() if n_used else np.zeros(0)
+    entropy = float(-(p * np.log2(p)).sum()) if n_used else 0.0
     return {
         "atoms_used": n_used,
         "atoms_dead_share": 1.0 - n_used / K,
         "usage_entropy_bits": entropy,
         "usage_entropy_norm": entropy / math.log2(K),
-        "few_type_atom_share": few_share,
-        "lexical_atom_share": lexical,  # one token type makes up >= half of the atom's activations
-        "types_per_used_atom_median": float(types_per_atom[used].double().median()) if n_used else float("nan"),
+        "few_type_atom_share": float(few_type_atoms(uses, types, few).sum() / n_used) if n_used else float("nan"),
+        # one token type makes up >= half of the atom's activations
+        "lexical_atom_share": float(lexical_atoms(uses, top_type).sum() / n_used) if n_used else float("nan"),
+        # the lower median, as torch.median gives it (the measure's first implementation)
+        "types_per_used_atom_median": float(np.sort(types[used])[(n_used - 1) // 2]) if n_used else float("nan"),
     }
+
+
+def atom_stats(codes: torch.Tensor, token_ids: np.ndarray, few: int) -> dict:
+    """`summarize_atoms` of dense codes (n, K) of tokens `token_ids`."""
+    K = codes.shape[1]
+    tok = torch.as_tensor(token_ids.astype(np.int64))
+    rows, atoms = (codes > 0).nonzero(as_tuple=True)
+    if len(rows):
+        pairs, counts = torch.unique(torch.stack([atoms, tok[rows]]), dim=1, return_counts=True)
+        pair_atoms, pair_counts = pairs[0].numpy(), counts.numpy()
+    else:
+        pair_atoms, pair_counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return summarize_atoms(*atom_type_profile(pair_atoms, pair_counts, K), few)
 
 
 def layer_report(cfg: LayerReportConfig) -> dict:

@@ -436,3 +436,42 @@ class LayerReportConfig:
     seed: int = opt(0, "Seed of the sample and of the dictionaries.")
     device: str = opt("auto", _DEVICE_HELP)
     progress: bool = opt(True, _PROGRESS_HELP)
+
+
+@dataclass
+class AtomsConfig:
+    codes: Path = opt(Path("data/codes"), "Output folder of `mlsm sparse-code` (codes.h5, dictionary.h5, tokenizer/).")
+    extract_dir: Path | None = opt(None, "Optional: the `mlsm extract` folder the codes were made from. Checked against "
+                                         "the codes' fingerprint; its tokenizer/ is used if the codes folder has none. "
+                                         "Not needed otherwise: codes.h5 holds the token stream the contexts come "
+                                         "from.", type=click.Path(path_type=Path))
+    out: Path = opt(Path("reports/atoms.html"), "The HTML page to write; its JSON twin goes next to it (.json).")
+    top_tokens: int = opt(10, "Tokens listed per atom, by count and by mean weight.")
+    min_count: int = opt(3, "Occurrences a token needs with an atom to be ranked by mean weight (single "
+                            "occurrences of rare tokens would fill the list otherwise).")
+    contexts: int = opt(5, "Contexts shown per atom: the best occurrence of its strongest token types first, then "
+                           "its strongest occurrences.")
+    window: int = opt(12, "Tokens of context on each side of the firing token (within its sequence).")
+    neighbours: int = opt(5, "Nearest atoms listed per atom (cosine similarity of dictionary atoms).")
+    token_atoms: int = opt(8, "Atoms the search lists per token: those its occurrences use most often.")
+    few: int = opt(3, "As for `mlsm layer-report`: an atom is 'few-type' if it fires for at most this many token "
+                      "types.")
+    max_tokens: int | None = opt(None, "Scan a seeded sample of whole sequences of about this many tokens (default: "
+                                       "every token).", type=TokenCount())
+    seed: int = opt(0, "Seed of the --max-tokens sample.")
+    progress: bool = opt(True, _PROGRESS_HELP)
+
+    def __post_init__(self) -> None:
+        self.codes, self.out = Path(self.codes), Path(self.out)
+        self.extract_dir = None if self.extract_dir is None else Path(self.extract_dir)
+
+    def validate(self) -> None:
+        problems = []
+        if self.out.suffix.lower() not in (".html", ".htm"):
+            problems.append(f"--out names the HTML page to write (e.g. reports/atoms.html), not {self.out}")
+        for name in ("top_tokens", "min_count", "contexts", "neighbours", "token_atoms", "few"):
+            if getattr(self, name) < 1:
+                problems.append(f"{_dash(name)} must be at least 1")
+        if self.window < 0:
+            problems.append("--window must be >= 0")
+        check(problems, "atoms")
