@@ -84,7 +84,7 @@ def child_read(path: str, expect_docs: int) -> None:
     marks = [(m, max(1, expect_docs * m // 100)) for m in MARKS]
     rss_at = {}
     t0 = time.perf_counter()
-    for doc in iter_documents(resolve_corpus(path), stats):
+    for _doc in iter_documents(resolve_corpus(path), stats):
         while marks and stats.documents >= marks[0][1]:
             rss_at[str(marks.pop(0)[0])] = rss_mb()
     wall = time.perf_counter() - t0

@@ -13,10 +13,12 @@ documents too. Rows whose text is null are skipped and counted. The Arrow format
 batches of rows (pipeline.corpus_arrow), their schemas checked when the corpus is resolved.
 
 Everything here streams: files are read line by line (Arrow formats a batch of rows at a time), so
-memory is bounded by the largest document (itself capped, see MAX_DOC_LINES), never by the corpus. Dirty input (bad UTF-8, NUL
-bytes, broken jsonl records) is repaired or skipped, counted in CorpusStats and warned about once
-per file, because one bad byte in a multi-GB corpus should not kill an hour of extraction. Input
-the user must fix (missing, unreadable or unsupported files) raises MLSMError before any work.
+memory is bounded by the largest document (itself capped, see MAX_DOC_LINES), never by the corpus.
+Dirty input (bad UTF-8, NUL bytes, broken jsonl records, null rows) is repaired or skipped, counted
+in CorpusStats and warned about once per file, because one bad byte in a multi-GB corpus should not
+kill an hour of extraction. Input the user must fix (missing, unreadable or unsupported files; for
+Parquet and datasets, a missing or non-string text column, a corrupt file) raises MLSMError before
+any work.
 """
 
 from __future__ import annotations
