@@ -28,9 +28,10 @@ DATASET_DICT = "dataset_dict.json"
 # Rows per batch: a few MB of text at typical document sizes, large enough that Arrow's per-batch
 # overhead vanishes next to the per-line work.
 BATCH_ROWS = 1024
-# Parquet column chunks are read through a buffer of this size instead of whole: a file written as
-# one row group (common) would otherwise be held in memory compressed while it is decoded.
-PARQUET_BUFFER = 4 << 20
+# Parquet column chunks are read through a buffer of this size instead of whole (and not pre-buffered,
+# pyarrow's default): a file written as one row group (common) would otherwise be held in memory
+# compressed while it is decoded (15 MB instead of 5 MB of Arrow allocations for a 34 MB column).
+PARQUET_BUFFER = 1 << 20
 
 _INSTALL = "pip install mlsm[datasets]"
 
@@ -77,7 +78,7 @@ def check_text_column(where: str, schema: pa.Schema, field: str) -> None:
 
 def _open_parquet(path: Path) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path, buffer_size=PARQUET_BUFFER)
+        return pq.ParquetFile(path, buffer_size=PARQUET_BUFFER, pre_buffer=False)
     except PermissionError:
         raise  # reported by the caller's readability check, in its words
     except (pa.ArrowException, OSError) as e:

@@ -142,10 +142,11 @@ def test_parquet_is_read_in_batches_in_row_order(tmp_path, monkeypatch):
 
 
 def test_parquet_memory_follows_the_batch_not_the_file(tmp_path):
-    """A ~16 MB text column in one row group: Arrow's allocations while it is read stay a few batches."""
+    """A ~34 MB text column in one row group: Arrow's allocations while it is read stay a few MB (a
+    pre-buffered or unbuffered read holds the whole compressed column chunk, ~11 MB, and fails)."""
     rng = np.random.default_rng(0)
     words = np.array(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"])
-    rows = [" ".join(rng.choice(words, 300)) for _ in range(8000)]  # ~2 KB each
+    rows = [" ".join(rng.choice(words, 300)) for _ in range(20000)]  # ~1.7 KB each
     path = write_parquet(tmp_path / "big.parquet", rows)  # one row group, the writer's default
     column_bytes = sum(len(r) for r in rows)
     before = pa.total_allocated_bytes()
