@@ -361,7 +361,7 @@ def _jsonl_lines(path: Path, reader: _FileReader, text_field: str) -> Iterator[s
                 record = None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 reader.stats.bad_json_lines += 1
-                reader.warn_once("json", "line %d is not a JSON object with a string %r field; skipped", lineno,
+                reader.warn_once("json", 'line %d is not a JSON object with a string "%s" field; skipped', lineno,
                                  text_field)
                 continue
             yield from _record_lines(record[text_field], reader, f"the record on line {lineno}")
