@@ -28,11 +28,6 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from mlsm.pipeline.corpus import CorpusStats, iter_documents, resolve_corpus
-
 MARKS = (25, 50, 75, 100)
 
 
@@ -47,6 +42,11 @@ def rss_mb(pid: int | str = "self") -> float | None:
 
 def write_corpora(source: str, folder: Path, mb: float, row_group_mb: float) -> dict:
     """corpus.txt and corpus.parquet holding the same documents, about `mb` MB of text each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mlsm.pipeline.corpus import iter_documents, resolve_corpus
+
     docs = list(iter_documents(resolve_corpus(source)))
     txt, parquet = folder / "corpus.txt", folder / "corpus.parquet"
     target = int(mb * 2**20)
@@ -80,6 +80,8 @@ def write_corpora(source: str, folder: Path, mb: float, row_group_mb: float) -> 
 
 def child_read(path: str, expect_docs: int) -> None:
     """The reader alone, in this (child) process: prints its figures as JSON."""
+    from mlsm.pipeline.corpus import CorpusStats, iter_documents, resolve_corpus
+
     stats = CorpusStats()
     marks = [(m, max(1, expect_docs * m // 100)) for m in MARKS]
     rss_at = {}
@@ -157,16 +159,23 @@ def main(argv=None) -> dict:
                                                                 "system's temporary directory).")
     ap.add_argument("--keep", action="store_true", help="Keep the generated files.")
     ap.add_argument("--child-read", help=argparse.SUPPRESS)
+    ap.add_argument("--child-generate", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--expect-docs", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child_read:
         child_read(a.child_read, a.expect_docs)
         return {}
+    if a.child_generate:
+        print(json.dumps(write_corpora(a.corpus, a.child_generate, a.mb, a.row_group_mb)))
+        return {}
     work = Path(tempfile.mkdtemp(prefix="mlsm-corpus-read-", dir=a.workdir))
     try:
-        t0 = time.perf_counter()
-        info = write_corpora(a.corpus, work, a.mb, a.row_group_mb)
-        info["generate_s"] = round(time.perf_counter() - t0, 1)
+        # Children only: this process stays small, because Linux counts the parent's RSS at fork time
+        # in a child's peak (ru_maxrss); so it imports neither pyarrow nor mlsm and holds no text.
+        out, gen = run_child([sys.executable, __file__, "--child-generate", str(work), "--corpus", a.corpus,
+                              "--mb", str(a.mb), "--row-group-mb", str(a.row_group_mb)])
+        info = json.loads(out.strip().splitlines()[-1])
+        info["generate_s"] = gen["wall_s"]
         print(json.dumps(info), flush=True)
         rows = {}
         for fmt in ("txt", "parquet"):
