@@ -343,7 +343,7 @@ def _record_lines(body: str, reader: _FileReader, where: str) -> Iterator[str | 
         body = body.replace("\x00", "")
         reader.stats.nul_lines += 1
         reader.warn_once("nul", "%s contains NUL characters; they were removed", where)
-    for line in _JSON_NEWLINES.split(body):
+    for line in body.split("\n") if "\r" not in body else _JSON_NEWLINES.split(body):  # str.split is faster than the regex
         yield line.strip() or None
     yield None
 
@@ -379,8 +379,12 @@ def _row_lines(batches: Iterable[pa.Array | pa.ChunkedArray], reader: _FileReade
             if body is None:
                 reader.stats.null_records += 1
                 reader.warn_once("null", "row %d has a null text; skipped", row)
-            else:
+            elif "\r" in body or "\x00" in body:
                 yield from _record_lines(body, reader, f"row {row}")
+            else:  # the common case, inlined: one generator layer less per line
+                for line in body.split("\n"):
+                    yield line.strip() or None
+                yield None
 
 
 def _lines(path: Path, reader: _FileReader, text_field: str) -> Iterator[str | None]:

@@ -25,9 +25,9 @@ ARROW = ".arrow"
 DATASET_STATE = "state.json"
 DATASET_DICT = "dataset_dict.json"
 
-# Rows per batch: a few MB of text at typical document sizes, large enough that Arrow's per-batch
-# overhead vanishes next to the per-line work.
-BATCH_ROWS = 1024
+# Rows per batch: a few MB of text at typical document sizes (the batch is held twice, as Arrow and
+# as Python strings), large enough that Arrow's per-batch overhead vanishes next to the per-line work.
+BATCH_ROWS = 256
 # Parquet column chunks are read through a buffer of this size instead of whole (and not pre-buffered,
 # pyarrow's default): a file written as one row group (common) would otherwise be held in memory
 # compressed while it is decoded (15 MB instead of 5 MB of Arrow allocations for a 34 MB column).
