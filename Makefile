@@ -38,7 +38,7 @@ opt = $(if $($(2)),$(1) $($(2)))
 help:
 	@sed -n '2,5p' Makefile | sed 's/^# \{0,1\}//'
 	@echo "targets: setup corpus extract sparse-code pretrain tokens aux atoms test lint test-soak eval-data export compare plot"
-	@echo "         bench (bench-sparse bench-train bench-extract) bench-memory bench-scale gpu-check finalize"
+	@echo "         bench (bench-sparse bench-train bench-extract) bench-memory bench-scale bench-corpus gpu-check finalize"
 	@echo "         clean-hidden clean"
 
 # The embedded auxiliary model goes in with --no-deps: its declared sentence-transformers would pull CUDA torch.
@@ -215,6 +215,13 @@ SCALE_TOKENS ?= 250000
 bench-scale: setup $(CORPUS_DEP)
 	$(BIN)/python bench/scale.py --corpus "$(CORPUS)" --tokens $(SCALE_TOKENS) --layer $(LAYER) \
 	    $(call opt,-k,K) $(call opt,--device,DEVICE) --out runs/bench-scale
+
+# The corpus reader and `mlsm tokenize` on ~CORPUS_MB MB of Parquet against the same text as .txt: rate, peak RSS
+# and RSS over the input (bench/corpus_read.py; the files go to a temporary folder, deleted after). Last line: JSON.
+CORPUS_MB ?= 1000
+.PHONY: bench-corpus
+bench-corpus: setup $(CORPUS_DEP)
+	$(BIN)/python bench/corpus_read.py --corpus "$(CORPUS)" --mb $(CORPUS_MB)
 
 # Every GPU path once on one H100/H200, within 8 min (bench/gpu_check.py --budget): the bpp engine vs the CPU
 # engine, fused extract+code (sparse-code --from-tokens), a bf16 --compile pretrain, torchrun pretrain at world

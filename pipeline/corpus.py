@@ -1,14 +1,24 @@
 """Reading the user's corpus: files → documents → lines (DESIGN §2.1).
 
-Format: UTF-8 `.txt` / `.txt.gz` with one sentence or paragraph per line and a blank line between
-documents, or `.jsonl` / `.jsonl.gz` with one document per record in a string field `text` (its
-newlines split lines, blank lines inside it split documents too).
+Formats:
+- UTF-8 `.txt` / `.txt.gz`: one sentence or paragraph per line, a blank line between documents;
+- `.jsonl` / `.jsonl.gz`: one document per record, its text in the string field `text_field`
+  (`--text-field`, default `text`);
+- `.parquet`: one document per row, its text in the string column `text_field`;
+- a Hugging Face `datasets` folder (`save_to_disk`: `state.json` + `*.arrow`; a DatasetDict folder
+  with one split, or one split's folder) or a bare `.arrow` file of one, read through the optional
+  `datasets` package (pip install mlsm[datasets]): one document per row, as Parquet.
+A record's or row's text is split into lines at its newlines, and blank lines inside it split
+documents too. Rows whose text is null are skipped and counted. The Arrow formats are read in
+batches of rows (pipeline.corpus_arrow), their schemas checked when the corpus is resolved.
 
-Everything here streams: files are read line by line, so memory is bounded by the largest
-document (itself capped, see MAX_DOC_LINES), never by the corpus. Dirty input (bad UTF-8, NUL
-bytes, broken jsonl records) is repaired or skipped, counted in CorpusStats and warned about once
-per file, because one bad byte in a multi-GB corpus should not kill an hour of extraction. Input
-the user must fix (missing, unreadable or unsupported files) raises MLSMError before any work.
+Everything here streams: files are read line by line (Arrow formats a batch of rows at a time), so
+memory is bounded by the largest document (itself capped, see MAX_DOC_LINES), never by the corpus.
+Dirty input (bad UTF-8, NUL bytes, broken jsonl records, null rows) is repaired or skipped, counted
+in CorpusStats and warned about once per file, because one bad byte in a multi-GB corpus should not
+kill an hour of extraction. Input the user must fix (missing, unreadable or unsupported files; for
+Parquet and datasets, a missing or non-string text column, a corrupt file) raises MLSMError before
+any work.
 """
 
 from __future__ import annotations
@@ -25,14 +35,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from mlsm.core.errors import MLSMError
-from mlsm.core.manifest import files_fingerprint
+from mlsm.core.manifest import files_fingerprint, sha256_json
+from mlsm.pipeline import corpus_arrow
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
+SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", corpus_arrow.PARQUET, corpus_arrow.ARROW)
+JSONL = (".jsonl", ".jsonl.gz")
+TEXT_FIELD = "text"
+FORMATS = ", ".join(SUFFIXES) + " or a datasets save_to_disk folder"
 FIX = "point CORPUS= (or --corpus) at a corpus file, folder or glob, or run `make corpus` for the default one"
 
 # A line longer than this is cut into pieces of this size (at a UTF-8 character boundary), so a
@@ -58,7 +74,8 @@ class CorpusStats:
     bytes: int = 0  # decompressed bytes read
     invalid_utf8_lines: int = 0  # undecodable bytes replaced by U+FFFD
     nul_lines: int = 0  # lines (or jsonl records) that had NUL characters removed
-    bad_json_lines: int = 0  # jsonl lines that are not objects with a string "text": skipped
+    bad_json_lines: int = 0  # jsonl lines that are not objects with a string text field: skipped
+    null_records: int = 0  # Parquet / datasets rows whose text is null: skipped
     long_lines_cut: int = 0  # lines longer than MAX_LINE_BYTES, cut into pieces
     long_documents_split: int = 0  # documents longer than MAX_DOC_LINES, yielded in parts
     skipped_files: list[str] = field(default_factory=list)  # files that held no text at all
@@ -81,17 +98,32 @@ def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+def _resolve_dir(folder: Path) -> list[Path]:
+    """A datasets folder stands for itself (its split); any other folder for the corpus files inside."""
+    if corpus_arrow.is_dataset_folder(folder):
+        return [corpus_arrow.dataset_split(folder)]
+    return _expand_dir(folder)
+
+
 def _expand_dir(folder: Path) -> list[Path]:
     found = []
+    datasets: list[Path] = []  # datasets folders met so far: their *.arrow files are theirs, not corpus files
     for p in sorted(folder.rglob("*"), key=lambda q: q.relative_to(folder).as_posix()):
-        if _is_hidden(p, folder) or _suffix(p) is None or p.is_dir():
+        if _is_hidden(p, folder) or any(d in p.parents for d in datasets):
+            continue
+        if p.is_dir():
+            if corpus_arrow.is_dataset_folder(p):
+                datasets.append(p)
+                found.append(corpus_arrow.dataset_split(p))
+            continue
+        if _suffix(p) is None:
             continue
         if not p.is_file():
             raise MLSMError(f"{p} in the corpus folder {folder} is not a readable file (a broken link?). "
                             "Remove or fix it.")
         found.append(p)
     if not found:
-        raise MLSMError(f"the corpus folder {folder} contains no corpus files ({', '.join(SUFFIXES)}). "
+        raise MLSMError(f"the corpus folder {folder} contains no corpus files ({FORMATS}). "
                         f"Put text files there, or {FIX}.")
     return found
 
@@ -100,7 +132,7 @@ def _resolve_one(spec: str | os.PathLike) -> list[Path]:
     text = os.path.expanduser(os.fspath(spec))
     path = Path(text)
     if path.is_dir():
-        return _expand_dir(path)
+        return _resolve_dir(path)
     if path.is_file():
         if _suffix(path) is None:
             raise MLSMError(f"{path} has an unsupported extension: a corpus file must end in "
@@ -115,7 +147,7 @@ def _resolve_one(spec: str | os.PathLike) -> list[Path]:
         for m in matches:
             p = Path(m)
             if p.is_dir():
-                out.extend(_expand_dir(p))
+                out.extend(_resolve_dir(p))
             elif _suffix(p) is not None:
                 out.append(p)
             else:
@@ -132,10 +164,13 @@ def _resolve_one(spec: str | os.PathLike) -> list[Path]:
     raise MLSMError(f"the corpus path {path} does not exist. {FIX[0].upper() + FIX[1:]}.")
 
 
-def _check_readable(path: Path) -> None:
-    """Open each file before any work starts, so a permission problem is not found an hour in."""
+def _check_readable(path: Path, text_field: str) -> None:
+    """Open each file before any work starts, so a permission problem (or, for the Arrow formats, a
+    corrupt file or a missing text column) is not found an hour in."""
     try:
-        if path.name.lower().endswith(".gz"):
+        if path.is_dir():  # a datasets folder: its files are opened by the schema check below
+            pass
+        elif path.name.lower().endswith(".gz"):
             with gzip.open(path, "rb") as f:
                 f.read(1)
         else:
@@ -148,14 +183,20 @@ def _check_readable(path: Path) -> None:
         raise MLSMError(f"{path} is not a valid gzip file ({e}). Re-compress it or drop the .gz suffix.") from e
     except OSError as e:
         raise MLSMError(f"cannot read the corpus file {path} ({e}). Fix it or leave it out of the corpus.") from e
+    kind = _kind(path)
+    if kind == "parquet":
+        corpus_arrow.check_parquet(path, text_field)
+    elif kind == "dataset":
+        corpus_arrow.check_dataset(path, text_field)
 
 
-def resolve_corpus(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+def resolve_corpus(spec: str | os.PathLike | Iterable[str | os.PathLike], text_field: str = TEXT_FIELD) -> list[Path]:
     """Turn a file, folder, glob or list of them into a deterministic file list, checked up front.
 
     Folders are searched recursively (hidden folders skipped), folders and globs are sorted, a list
-    keeps its order and drops repeats. Every file is opened once here so that nothing is half done
-    when one turns out to be unreadable.
+    keeps its order and drops repeats; a datasets folder is one entry. Every file is opened once
+    here, and every Parquet / datasets schema checked for the string column `text_field`, so that
+    nothing is half done when one turns out to be unreadable.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not specs:
@@ -169,23 +210,47 @@ def resolve_corpus(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
                 seen.add(key)
                 paths.append(p)
     for p in paths:
-        _check_readable(p)
+        _check_readable(p, text_field)
     return paths
 
 
-def corpus_fingerprint(paths: list[Path]) -> str:
-    return files_fingerprint(list(paths))
+def _kind(path: Path) -> str:
+    """How a resolved corpus entry is read: text, jsonl, parquet or dataset (a folder or .arrow file)."""
+    suffix = _suffix(path)
+    if path.is_dir() or suffix == corpus_arrow.ARROW:
+        return "dataset"
+    if suffix == corpus_arrow.PARQUET:
+        return "parquet"
+    return "jsonl" if suffix in JSONL else "text"
 
 
-def require_nonempty(stats: CorpusStats) -> None:
+def reads_text_field(paths: Iterable[Path]) -> bool:
+    """Whether any entry takes its text from a field (--text-field), rather than being plain text."""
+    return any(_kind(Path(p)) != "text" for p in paths)
+
+
+def corpus_fingerprint(paths: list[Path], text_field: str = TEXT_FIELD) -> str:
+    """Names, sizes and mtimes of the corpus files (a datasets folder: of every file in it), and the
+    text field where one is read: another field makes another corpus. A plain-text corpus keeps the
+    fingerprint it had before text fields existed, so its finished stages stay finished."""
+    files = []
+    for p in map(Path, paths):
+        files += sorted(q for q in p.rglob("*") if q.is_file() and not _is_hidden(q, p)) if p.is_dir() else [p]
+    fp = files_fingerprint(files)
+    return sha256_json({"files": fp, "text_field": text_field}) if reads_text_field(paths) else fp
+
+
+def require_nonempty(stats: CorpusStats, text_field: str = TEXT_FIELD) -> None:
     """Called by consumers that got nothing out of the corpus, to say why in the user's terms."""
     if stats.documents > 0:
         return
     detail = f"{stats.files} files, {stats.bytes} bytes"
     if stats.bad_json_lines:
-        detail += f", {stats.bad_json_lines} jsonl lines without a string \"text\" field"
+        detail += f", {stats.bad_json_lines} jsonl lines without a string {text_field!r} field"
+    if stats.null_records:
+        detail += f", {stats.null_records} rows with a null {text_field!r}"
     raise MLSMError(f"the corpus contains no text ({detail}). Check that the files hold non-blank lines "
-                    f"(jsonl: objects with a \"text\" string), or {FIX}.")
+                    f"(jsonl, Parquet, datasets: records with a {text_field!r} string), or {FIX}.")
 
 
 def _utf8_cut(chunk: bytes) -> int:
@@ -272,7 +337,18 @@ def _text_lines(path: Path, reader: _FileReader) -> Iterator[str | None]:
                 yield line or None
 
 
-def _jsonl_lines(path: Path, reader: _FileReader) -> Iterator[str | None]:
+def _record_lines(body: str, reader: _FileReader, where: str) -> Iterator[str | None]:
+    """A record's text as lines, None at blank lines inside it and after it (the document ends)."""
+    if "\x00" in body:
+        body = body.replace("\x00", "")
+        reader.stats.nul_lines += 1
+        reader.warn_once("nul", "%s contains NUL characters; they were removed", where)
+    for line in body.split("\n") if "\r" not in body else _JSON_NEWLINES.split(body):  # str.split is faster than the regex
+        yield line.strip() or None
+    yield None
+
+
+def _jsonl_lines(path: Path, reader: _FileReader, text_field: str) -> Iterator[str | None]:
     """Yield the lines of each record's text, None between records and at blank lines inside one."""
     with _open(path) as f:
         for lineno, (raw, _) in enumerate(_raw_lines(f, None), 1):
@@ -283,27 +359,51 @@ def _jsonl_lines(path: Path, reader: _FileReader) -> Iterator[str | None]:
                 record = json.loads(text)
             except json.JSONDecodeError:
                 record = None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 reader.stats.bad_json_lines += 1
-                reader.warn_once("json", 'line %d is not a JSON object with a string "text" field; skipped', lineno)
+                reader.warn_once("json", 'line %d is not a JSON object with a string "%s" field; skipped', lineno,
+                                 text_field)
                 continue
-            body = record["text"]
-            if "\x00" in body:
-                body = body.replace("\x00", "")
-                reader.stats.nul_lines += 1
-                reader.warn_once("nul", "record on line %d contains NUL characters; they were removed", lineno)
-            for line in _JSON_NEWLINES.split(body):
-                yield line.strip() or None
-            yield None
+            yield from _record_lines(record[text_field], reader, f"the record on line {lineno}")
+
+
+def _row_lines(batches: Iterable[pa.Array | pa.ChunkedArray], reader: _FileReader) -> Iterator[str | None]:
+    """The lines of each row of Arrow text batches, as _record_lines gives them; null rows are skipped."""
+    row = 0
+    for column in batches:
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            column = column.cast(pa.large_string())  # dictionary or view strings: binary_length wants these
+        reader.stats.bytes += pc.sum(pc.binary_length(column)).as_py() or 0
+        for body in column.to_pylist():
+            row += 1
+            if body is None:
+                reader.stats.null_records += 1
+                reader.warn_once("null", "row %d has a null text; skipped", row)
+            elif "\r" in body or "\x00" in body:
+                yield from _record_lines(body, reader, f"row {row}")
+            else:  # the common case, inlined: one generator layer less per line
+                for line in body.split("\n"):
+                    yield line.strip() or None
+                yield None
+
+
+def _lines(path: Path, reader: _FileReader, text_field: str) -> Iterator[str | None]:
+    kind = _kind(path)
+    if kind == "parquet":
+        return _row_lines(corpus_arrow.parquet_texts(path, text_field), reader)
+    if kind == "dataset":
+        return _row_lines(corpus_arrow.dataset_texts(path, text_field), reader)
+    return _jsonl_lines(path, reader, text_field) if kind == "jsonl" else _text_lines(path, reader)
 
 
 def iter_documents(
-    paths: Iterable[Path], stats: CorpusStats | None = None, progress: bool = False
+    paths: Iterable[Path], stats: CorpusStats | None = None, progress: bool = False, text_field: str = TEXT_FIELD,
 ) -> Iterator[list[str]]:
     """Stream documents (lists of non-empty, stripped lines) from resolved corpus files, in order.
 
     Documents never span files. Empty documents are not yielded. `stats` is updated as reading
-    goes, so a consumer that stops early sees counts for what it read.
+    goes, so a consumer that stops early sees counts for what it read. `text_field` names the
+    jsonl field / Arrow column holding a record's text.
     """
     stats = stats if stats is not None else CorpusStats()
     paths = list(paths)
@@ -311,8 +411,7 @@ def iter_documents(
         path = Path(path)
         stats.files += 1
         reader = _FileReader(path, stats)
-        kind = _suffix(path)
-        lines = _jsonl_lines(path, reader) if kind in (".jsonl", ".jsonl.gz") else _text_lines(path, reader)
+        lines = _lines(path, reader, text_field)
         doc: list[str] = []
         docs_before = stats.documents
         try:
@@ -329,7 +428,7 @@ def iter_documents(
                     stats.lines += len(doc)
                     yield doc
                     doc = []
-        except (OSError, EOFError, zlib.error) as e:
+        except (OSError, EOFError, zlib.error, pa.ArrowException) as e:
             raise MLSMError(f"reading the corpus file {path} failed ({e}); it may be truncated or corrupt. "
                             "Fix or remove it.") from e
         if doc:

@@ -105,15 +105,18 @@ class ShardSource:
             cfg = dataclasses.replace(cfg, max_len=tok_params["max_len"], max_tokens=tok_params["max_tokens"])
             self.inputs = {"tokens": self.stream.fingerprint, "tokenizer": self.stream.tokenizer_fingerprint}
         else:
-            self.paths = corpus_mod.resolve_corpus(cfg.corpus)
-            self.inputs = {"corpus": corpus_mod.corpus_fingerprint(self.paths),
+            self.paths = corpus_mod.resolve_corpus(cfg.corpus, cfg.text_field)
+            self.inputs = {"corpus": corpus_mod.corpus_fingerprint(self.paths, cfg.text_field),
                            "tokenizer": hf.tokenizer_fingerprint(tokenizer)}
         self.cfg = cfg
 
     def describe(self) -> dict:
         if self.stream is not None:
             return {"tokens_dir": str(self.stream.folder)}
-        return {"corpus_files": [str(p) for p in self.paths]}
+        described = {"corpus_files": [str(p) for p in self.paths]}
+        if corpus_mod.reads_text_field(self.paths):
+            described["text_field"] = self.cfg.text_field
+        return described
 
     def shards(self, compute) -> Iterator[tuple[int, int, list[np.ndarray] | None, int]]:
         """(index, first sequence id, its sequences or None where `compute(index)` is false, tokens)."""
@@ -125,8 +128,8 @@ class ShardSource:
                 yield index, first, seqs, int(offs[end] - offs[first])
             return
         sequences = limit_tokens(
-            pack_documents(corpus_mod.iter_documents(self.paths, self.stats), self.tokenizer, cfg.max_len,
-                           self.special["cls"], self.special["sep"]),
+            pack_documents(corpus_mod.iter_documents(self.paths, self.stats, text_field=cfg.text_field),
+                           self.tokenizer, cfg.max_len, self.special["cls"], self.special["sep"]),
             cfg.max_tokens,
         )
         for index, first, seqs in cut_shards(sequences, cfg.shard_tokens):
@@ -141,7 +144,7 @@ class ShardSource:
 
     def require_nonempty(self) -> None:
         if self.stream is None:
-            corpus_mod.require_nonempty(self.stats)
+            corpus_mod.require_nonempty(self.stats, self.cfg.text_field)
         raise MLSMError(f"the corpus {self.cfg.corpus} produced no token sequences; check that it contains text.")
 
 

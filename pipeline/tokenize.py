@@ -30,13 +30,13 @@ log = logging.getLogger(__name__)
 def run_tokenize(cfg: TokenizeConfig) -> dict:
     cfg.validate()
     out_dir, max_len, max_tokens, part_tokens = Path(cfg.out), cfg.max_len, cfg.max_tokens, cfg.part_tokens
-    paths = corpus_mod.resolve_corpus(cfg.corpus)
+    paths = corpus_mod.resolve_corpus(cfg.corpus, cfg.text_field)
     model_dir = hf.resolve_model_dir(cfg.tokenizer_from)
     tokenizer = hf.load_tokenizer(model_dir)
     special = hf.special_token_ids(tokenizer)
     tok_fp = hf.tokenizer_fingerprint(tokenizer)
     params = recorded(cfg)
-    inputs = {"corpus": corpus_mod.corpus_fingerprint(paths), "tokenizer": tok_fp}
+    inputs = {"corpus": corpus_mod.corpus_fingerprint(paths, cfg.text_field), "tokenizer": tok_fp}
     state, old = prepare_stage(out_dir, "tokenize", params, inputs, cfg.force, [TOKENS, PARTS_DIR, TOKENIZER_DIR])
     if state == "done":
         log.info("tokenize: %s is already complete; nothing to do. Use --force to redo it.", out_dir)
@@ -45,11 +45,13 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     parts_dir.mkdir(exist_ok=True)
     hf.copy_tokenizer_files(model_dir, out_dir / TOKENIZER_DIR)
     doc = new_manifest("tokenize", params, inputs)
+    if corpus_mod.reads_text_field(paths):
+        doc["text_field"] = cfg.text_field
     write_json_atomic(out_dir / PROGRESS, doc)
 
     stats = corpus_mod.CorpusStats()
     sequences = limit_tokens(
-        pack_documents(corpus_mod.iter_documents(paths, stats), tokenizer, max_len, special["cls"], special["sep"]),
+        pack_documents(corpus_mod.iter_documents(paths, stats, text_field=cfg.text_field), tokenizer, max_len, special["cls"], special["sep"]),
         max_tokens,
     )
     t0 = time.time()
@@ -76,7 +78,7 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
         flush()
     bar.close()
     if not parts:
-        corpus_mod.require_nonempty(stats)
+        corpus_mod.require_nonempty(stats, cfg.text_field)
         raise MLSMError(f"the corpus {cfg.corpus} produced no token sequences; check that it contains text.")
     merged = merge_parts(parts, out_dir / TOKENS, {"tokenizer_fingerprint": tok_fp, "max_len": max_len})
     shutil.rmtree(parts_dir)

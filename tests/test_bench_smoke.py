@@ -114,6 +114,17 @@ def test_bench_dictionary_sample(tiny):
     assert out["rel_diff_mean"] == out["rel_diff_per_sequence_2_mean"]
 
 
+def test_bench_corpus_read(tiny):
+    out = bench("corpus_read.py", "--corpus", tiny / "corpus.txt", "--mb", 0.3, "--row-group-mb", 0.05,
+                "--tokenize-tokens", 3000)
+    assert out["input"]["row_groups"] > 1 and out["same_documents"] and out["same_tokens"]
+    for fmt in ("txt", "parquet"):
+        assert out[fmt]["read"]["documents"] == out["input"]["documents"], fmt
+        assert set(out[fmt]["read"]["rss_mb_at_percent_of_input"]) == {"25", "50", "75", "100"}, fmt
+        assert out[fmt]["read"]["peak_rss_mb"] > 0 and out[fmt]["tokenize"]["tokens_per_s"] > 0, fmt
+    assert out["parquet_over_txt_read_time"] > 0
+
+
 def test_the_other_bench_scripts_parse():
     """compare.py needs `make eval-data` (npm) and minutes even at --size smoke; the GPU scripts need a GPU."""
     assert subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--help"], capture_output=True).returncode == 0

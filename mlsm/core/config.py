@@ -145,6 +145,16 @@ def _num_workers():
                aliases=("--num-shards",))
 
 
+def _corpus():
+    return opt("data/corpus", "A .txt/.txt.gz/.jsonl/.jsonl.gz/.parquet file, a Hugging Face datasets save_to_disk "
+                              "folder or .arrow file, a folder of them, or a glob.")
+
+
+def _text_field():
+    return opt("text", "The jsonl field / Parquet or datasets column that holds each document's text (plain text "
+                       "files have none). A resume with another one is refused: it reads another corpus.")
+
+
 def _precision(what: str, record: bool = False):
     return opt("auto", _PRECISION_HELP + " " + what, type=click.Choice(PRECISIONS), record=record)
 
@@ -179,7 +189,8 @@ def worker_flag_problems(index: int | None, count: int | None) -> list[str]:
 
 @dataclass
 class ExtractConfig:
-    corpus: str = opt("data/corpus", "A .txt/.txt.gz/.jsonl file, a folder of them, or a glob.")
+    corpus: str = _corpus()
+    text_field: str = _text_field()
     out: Path = opt(Path("data/extract"), "Output folder.")
     tokens: Path | None = opt(None, "A `mlsm tokenize` folder to read instead of --corpus: the corpus is tokenized "
                                     "once, and each worker reads only its shards' sequences (--max-len and "
@@ -280,7 +291,8 @@ class SparseCodeConfig:
 
 @dataclass
 class TokenizeConfig:
-    corpus: str = opt("data/corpus", "A .txt/.txt.gz/.jsonl file, a folder of them, or a glob.")
+    corpus: str = _corpus()
+    text_field: str = _text_field()
     out: Path = opt(Path("data/tokens"), "Output folder.")
     tokenizer_from: str | None = opt(None, "Model folder whose tokenizer to use (default: the embedded MiniLM's).")
     max_len: int = opt(128, "Tokens per packed sequence, [CLS] and [SEP] included.", record=True)

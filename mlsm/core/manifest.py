@@ -159,7 +159,7 @@ _FINAL_FILES = {"sparse-code": (CODES, DICTIONARY), "tokenize": (TOKENS,)}
 
 # What a changed input fingerprint means, in the user's terms.
 _INPUT_MEANING = {
-    "corpus": "the corpus files changed (names, sizes or modification times)",
+    "corpus": "the corpus files changed (names, sizes or modification times), or --text-field",
     "aux_weights": "the auxiliary model's weights are different",
     "tokenizer": "the tokenizer (vocabulary or normalisation) is different",
     "extract_manifest": "the extract stage's output changed since (it was re-run or edited)",
