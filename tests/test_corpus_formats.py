@@ -179,6 +179,10 @@ def test_fingerprint_follows_parquet_content_and_text_field(tmp_path):
     # plain text has no field: its fingerprint is the one it had before text fields existed
     txt = write_txt(tmp_path / "c.txt", make_docs(3))
     assert corpus_fingerprint([txt], "body") == corpus_fingerprint([txt]) == files_fingerprint([txt])
+    # jsonl read by its default "text" field keeps its old fingerprint too; another field changes it
+    jl = tmp_path / "c.jsonl"
+    jl.write_text('{"text": "one document."}\n{"text": "another one."}\n')
+    assert corpus_fingerprint([jl]) == files_fingerprint([jl]) != corpus_fingerprint([jl], "body")
 
 
 def test_a_resume_with_another_text_field_is_refused(tmp_path, capsys):
