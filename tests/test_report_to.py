@@ -16,13 +16,13 @@ import pytest
 from mlsm.cli import main
 from mlsm.core.config import FinetuneConfig
 from mlsm.core.errors import MLSMError
-from mlsm.trainer import report_to, train
+from mlsm.trainer import report_to
 from mlsm.trainer.finetune import run_finetune
 from mlsm.trainer.metrics_log import MetricsLog
 from mlsm.trainer.report_to import TENSORBOARD_DIR, WANDB_ID_FILE, Report
 from mlsm.trainer.train import run_pretrain
 from tests.test_finetune import _write_topic_task, model_dir  # noqa: F401  (fixture)
-from tests.test_train import _cfg, _metrics, codes_h5, one_thread  # noqa: F401  (fixtures)
+from tests.test_train import _cfg, _metrics, codes_h5, one_thread, run_until_killed  # noqa: F401  (fixtures)
 
 
 def _needs(pkg: str) -> None:
@@ -47,24 +47,8 @@ def _as_logged(rows: list[dict], key: str) -> list[tuple[int, float]]:
 def test_tensorboard_mirrors_metrics_and_a_resume_replays_no_step_twice(codes_h5, tmp_path, monkeypatch):
     _needs("tensorboard")
     kw = dict(save_every=5, report_to="tensorboard")
-
-    class Killed(Exception):
-        pass
-
-    class DiesAtStep7(train.BatchIterator):
-        calls = 0
-
-        def __next__(self):
-            DiesAtStep7.calls += 1
-            if DiesAtStep7.calls == 7:
-                raise Killed
-            return super().__next__()
-
     run = tmp_path / "run"
-    monkeypatch.setattr(train, "BatchIterator", DiesAtStep7)
-    with pytest.raises(Killed):
-        run_pretrain(_cfg(codes_h5, run, **kw))
-    monkeypatch.undo()
+    run_until_killed(_cfg(codes_h5, run, **kw), monkeypatch)
     assert [s for s, _ in _events(run / TENSORBOARD_DIR, "loss")] == list(range(1, 7))
     run_pretrain(_cfg(codes_h5, run, **kw))  # resumes from step 5: steps 6.. are replayed
     rows = _metrics(run)

@@ -103,29 +103,35 @@ def test_loss_falls_and_run_is_written(codes_h5, tmp_path):
     assert again["start_step"] == 30 and len(_metrics(run)) == 30
 
 
+def run_until_killed(cfg, monkeypatch, at_batch: int = 7) -> None:
+    """run_pretrain(cfg), killed (an exception out of the loop) when it asks for batch `at_batch`."""
+
+    class Killed(Exception):
+        pass
+
+    class DiesAt(train.BatchIterator):
+        calls = 0
+
+        def __next__(self):
+            DiesAt.calls += 1
+            if DiesAt.calls == at_batch:
+                raise Killed
+            return super().__next__()
+
+    monkeypatch.setattr(train, "BatchIterator", DiesAt)
+    with pytest.raises(Killed):
+        run_pretrain(cfg)
+    monkeypatch.undo()
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16 autocast too: same machine, same bits
 def test_resume_is_bit_identical(codes_h5, tmp_path, monkeypatch, precision):
     kw = dict(grad_accum=2, mlm_weight=0.5, mask_policy="bert", save_every=5, precision=precision)  # dropout stays on
     straight = tmp_path / "straight"
     run_pretrain(_cfg(codes_h5, straight, **kw))
 
-    class Killed(Exception):
-        pass
-
-    class DiesAtStep7(train.BatchIterator):
-        calls = 0
-
-        def __next__(self):
-            DiesAtStep7.calls += 1
-            if DiesAtStep7.calls == 7:
-                raise Killed
-            return super().__next__()
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(train, "BatchIterator", DiesAtStep7)
-    with pytest.raises(Killed):
-        run_pretrain(_cfg(codes_h5, resumed, **kw))
-    monkeypatch.undo()
+    run_until_killed(_cfg(codes_h5, resumed, **kw), monkeypatch)
     assert [r["step"] for r in _metrics(resumed)] == list(range(1, 7))
     assert sorted(p.name for p in resumed.glob("step-*")) == ["step-0000005"]
     summary = run_pretrain(_cfg(codes_h5, resumed, **kw))
