@@ -130,6 +130,21 @@ def run_child(cmd: list[str], sample_every: float = 0.25) -> tuple[str, dict]:
                     "rss_mb_at_percent_of_wall": at}
 
 
+def tokens_digest(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of the token stream and its sequence offsets: the two formats must pack the same stream."""
+    import hashlib
+
+    import h5py
+
+    h = hashlib.sha256()
+    with h5py.File(path, "r") as f:
+        for name in ("tokens", "seq_offsets"):
+            ds = f[name]
+            for i in range(0, len(ds), chunk):
+                h.update(ds[i:i + chunk].astype("<i8").tobytes())
+    return h.hexdigest()
+
+
 def measure(fmt: str, path: str, info: dict, tokens: int, work: Path) -> dict:
     read_out, read = run_child([sys.executable, __file__, "--child-read", path, "--expect-docs",
                                 str(info["documents"])])
@@ -143,7 +158,8 @@ def measure(fmt: str, path: str, info: dict, tokens: int, work: Path) -> dict:
     man = json.loads((tok_dir / "manifest.json").read_text())
     # the stage's own wall time (reading, tokenizing, packing, writing), without interpreter start and imports
     tok.update(tokens=man["tokens"], sequences=man["sequences"], stage_wall_s=man["wall_s"],
-               tokens_per_s=round(man["tokens"] / man["wall_s"]), documents=man["corpus_stats"]["documents"])
+               tokens_per_s=round(man["tokens"] / man["wall_s"]), documents=man["corpus_stats"]["documents"],
+               tokens_sha256=tokens_digest(tok_dir / "tokens.h5"))
     shutil.rmtree(tok_dir)
     return {"read": read, "tokenize": tok}
 
@@ -191,7 +207,7 @@ def main(argv=None) -> dict:
         "parquet_over_txt_read_time": round(p["read"]["wall_s"] / t["read"]["wall_s"], 3),
         "parquet_over_txt_tokenize_time": round(p["tokenize"]["stage_wall_s"] / t["tokenize"]["stage_wall_s"], 3),
         "same_documents": p["read"]["documents"] == t["read"]["documents"] == info["documents"],
-        "same_tokens": p["tokenize"]["tokens"] == t["tokenize"]["tokens"],
+        "same_tokens": p["tokenize"]["tokens_sha256"] == t["tokenize"]["tokens_sha256"],
         "load": os.getloadavg(),
     }
     print(f"{'':10} {'read MB/s':>10} {'lines/s':>10} {'peak RSS':>9} {'RSS 25/50/75/100% of input':>28} "
