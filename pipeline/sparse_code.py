@@ -47,6 +47,7 @@ from mlsm.core.layout import (
     part_name,
 )
 from mlsm.core.manifest import atomic_path, new_manifest, read_manifest, sha256_file, sha256_json, write_json_atomic
+from mlsm.core.memory import release_freed_heap
 from mlsm.core.ranks import Rank, join
 from mlsm.pipeline.codes import dense_to_csr, part_rows, top_k_codes, write_part
 from mlsm.pipeline.shards import iter_shard_batches, open_shard, read_rows
@@ -448,6 +449,7 @@ def _run_sparse_code(cfg: SparseCodeConfig, rank: Rank) -> dict:
         else:
             bar.update(shard["tokens"])
         source.after_part(shard)
+        release_freed_heap()  # the shard's arrays are freed: keep the heap from growing with the run
     bar.close()
     t_code = time.time() - t1
     record = {"worker": rank.index, "workers": rank.count, "device": str(dev), "dictionary_s": round(t_dict, 1),
