@@ -7,26 +7,24 @@ whose fingerprint does not match stays None: the card then says "not recorded", 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from mlsm.core.errors import MLSMError
 from mlsm.core.layout import DICTIONARY, MANIFEST
-from mlsm.core.manifest import sha256_file
+from mlsm.core.manifest import read_manifest, sha256_file
 from mlsm.pipeline.codes import TokenData
 
 
 def _manifest(folder: str | Path | None, stage: str, fingerprint: str | None = None) -> dict | None:
-    """folder/manifest.json of a finished `stage`, only if its sha256 is `fingerprint` (when given)."""
+    """folder/manifest.json of a finished `stage`, only if its sha256 is `fingerprint` (when given);
+    None where `read_manifest` would refuse it: provenance is recorded, never demanded."""
     if folder is None:
         return None
-    path = Path(folder) / MANIFEST
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        doc = read_manifest(folder, stage=stage, fix=f"mlsm {stage}")
+    except MLSMError:
         return None
-    if doc.get("stage") != stage or not doc.get("complete"):
-        return None
-    if fingerprint is not None and sha256_file(path) != fingerprint:
+    if fingerprint is not None and sha256_file(Path(folder) / MANIFEST) != fingerprint:
         return None
     return doc
 
