@@ -19,9 +19,12 @@ LOCK_DEP    := $(if $(filter none,$(LOCK)),,$(LOCK))
 
 # The laptop demo: the only values the Makefile chooses. They differ from the commands' defaults
 # (which reproduce the paper: see `mlsm <command> --help`) so that `make pretrain` takes 6-8 min on
-# 2 cores. The layer is explicit, as the commands require.
+# 2 cores. LAYER=auto applies the layer recipe (extract --layers auto: candidates measured on a
+# sample, coded and pre-trained on briefly, the lowest loss / baseline wins; docs/evaluation.md); LAYER=n takes layer n.
 CORPUS      ?= data/corpus
-LAYER       ?= 6
+LAYER       ?= auto
+# The benchmarks' figures were measured at MiniLM's layer 6; they take LAYER when it is a number.
+BENCH_LAYER ?= $(if $(filter auto,$(LAYER)),6,$(LAYER))
 TOKENS      ?= 250000
 STEPS       ?= 1500
 LR          ?= 2e-3
@@ -107,14 +110,17 @@ extract: setup $(CORPUS_DEP)
 
 # FUSED=1 is the scaled path (docs/scaling.md): the corpus is tokenized once (make tokens) and sparse-code runs
 # the auxiliary forward itself, shard by shard, so no hidden states are written; the codes are the same.
-CODE_OPTS = --layer $(LAYER) $(call opt,--out,CODES_DIR) $(call opt,-k,K) $(call opt,--lambda,LAMBDA) \
+CODE_OPTS = $(call opt,--out,CODES_DIR) $(call opt,-k,K) $(call opt,--lambda,LAMBDA) \
 	    $(call opt,--tol,TOL) $(call opt,--seed,SEED) $(call opt,--device,DEVICE)
 ifeq ($(FUSED),1)
+# With LAYER=auto the fused path asks extract for the recipe's choice alone (kept in <extract dir>/layer-choice/).
 sparse-code: tokens
-	$(MLSM) sparse-code --from-tokens $(or $(TOKENS_DIR),data/tokens) $(call opt,--aux,AUX) $(CODE_OPTS)
+	L=$(if $(filter auto,$(LAYER)),$$($(MLSM) extract --layers auto --layer-choice-only --corpus "$(CORPUS)" \
+	    --max-tokens $(TOKENS) $(call opt,--aux,AUX) $(call opt,--device,DEVICE) $(call opt,--out,EXTRACT_DIR)),$(LAYER)) && \
+	$(MLSM) sparse-code --from-tokens $(or $(TOKENS_DIR),data/tokens) $(call opt,--aux,AUX) --layer "$$L" $(CODE_OPTS)
 else
 sparse-code: extract
-	$(MLSM) sparse-code $(call opt,--extract-dir,EXTRACT_DIR) $(CODE_OPTS)
+	$(MLSM) sparse-code $(call opt,--extract-dir,EXTRACT_DIR) --layer $(LAYER) $(CODE_OPTS)
 endif
 
 # codes.h5 over the parts of a sparse-code run whose workers ran as separate jobs (idempotent).
@@ -145,7 +151,7 @@ $(VENV)/.bench-done: $(VENV)/.setup-done
 	@touch $@
 
 bench-sparse: extract $(VENV)/.bench-done
-	$(BIN)/python bench/sparse_coding.py --layer $(LAYER) $(call opt,--extract-dir,EXTRACT_DIR) $(call opt,-k,K) \
+	$(BIN)/python bench/sparse_coding.py $(if $(filter auto,$(LAYER)),,--layer $(LAYER)) $(call opt,--extract-dir,EXTRACT_DIR) $(call opt,-k,K) \
 	    $(call opt,--lam,LAMBDA)
 
 # An auxiliary model trained from scratch with MLM (the BabyLM recipe): then
@@ -189,7 +195,7 @@ plot: $(VENV)/.plot-done
 .PHONY: bench-train
 BENCH_MODEL ?= mini
 bench-train: setup $(CORPUS_DEP)
-	$(BIN)/python bench/train_throughput.py --model $(BENCH_MODEL) --corpus "$(CORPUS)" --layer $(LAYER) \
+	$(BIN)/python bench/train_throughput.py --model $(BENCH_MODEL) --corpus "$(CORPUS)" --layer $(BENCH_LAYER) \
 	    $(call opt,--device,DEVICE)
 
 # Extract vs the auxiliary forward alone, bytes/token of hidden states and codes, top-k KL table
@@ -198,14 +204,14 @@ bench-train: setup $(CORPUS_DEP)
 BENCH_TOKENS ?= 50000
 BENCH_CODES  ?=
 bench-extract: setup $(CORPUS_DEP)
-	$(BIN)/python bench/extract_throughput.py --corpus "$(CORPUS)" --layers $(LAYER) --tokens $(BENCH_TOKENS) \
+	$(BIN)/python bench/extract_throughput.py --corpus "$(CORPUS)" --layers $(BENCH_LAYER) --tokens $(BENCH_TOKENS) \
 	    $(call opt,--aux,AUX) $(call opt,-k,K) $(call opt,--device,DEVICE) $(call opt,--codes,BENCH_CODES) \
 	    --out runs/bench-extract
 
 # Peak RSS of extract and sparse-code at N and at 10N tokens from a 10x corpus (bench/stage_memory.py).
 MEMORY_TOKENS ?= 25000
 bench-memory: setup $(CORPUS_DEP)
-	$(BIN)/python bench/stage_memory.py --corpus "$(CORPUS)" --tokens $(MEMORY_TOKENS) --layer $(LAYER) \
+	$(BIN)/python bench/stage_memory.py --corpus "$(CORPUS)" --tokens $(MEMORY_TOKENS) --layer $(BENCH_LAYER) \
 	    $(call opt,-k,K) $(call opt,--device,DEVICE) --out runs/bench-memory
 
 # The scaled path against the staged one at N and 10N tokens (bench/scale.py; docs/scaling.md): peak hidden-state
@@ -213,7 +219,7 @@ bench-memory: setup $(CORPUS_DEP)
 SCALE_TOKENS ?= 250000
 .PHONY: bench-scale
 bench-scale: setup $(CORPUS_DEP)
-	$(BIN)/python bench/scale.py --corpus "$(CORPUS)" --tokens $(SCALE_TOKENS) --layer $(LAYER) \
+	$(BIN)/python bench/scale.py --corpus "$(CORPUS)" --tokens $(SCALE_TOKENS) --layer $(BENCH_LAYER) \
 	    $(call opt,-k,K) $(call opt,--device,DEVICE) --out runs/bench-scale
 
 # The corpus reader and `mlsm tokenize` on ~CORPUS_MB MB of Parquet against the same text as .txt: rate, peak RSS
@@ -229,7 +235,7 @@ bench-corpus: setup $(CORPUS_DEP)
 # (make setup TORCH_SPEC=...). Prints progress on stderr, then one JSON line with an ok per step (also in
 # runs/gpu-check/gpu_check.json).
 gpu-check: setup corpus
-	$(BIN)/python bench/gpu_check.py --device cuda --corpus "$(CORPUS)" --layer $(LAYER)
+	$(BIN)/python bench/gpu_check.py --device cuda --corpus "$(CORPUS)" --layer $(BENCH_LAYER)
 
 # MLSM vs MLM vs MLSM+MLM at equal budget, fine-tuned at 25/50/100% (docs/evaluation.md):
 #   COMPARE_SIZE=cpu (~1 h, 2 cores; results/compare.{md,png,json}), smoke (minutes), gpu (bench/compare-gpu.sh)

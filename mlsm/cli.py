@@ -98,10 +98,18 @@ def extract(**kw):
       mlsm extract ... --worker-index 0 --num-workers 2  &  mlsm extract ... --worker-index 1 --num-workers 2
       torchrun --nproc-per-node 8 -m mlsm.cli extract ...   (one GPU per rank)
     The shards are the same as a single worker's; the last worker to finish writes manifest.json.
+    \b
+    --layers auto applies the layer recipe first: the candidate layers are extracted on a sample, each
+    is coded with a small dictionary and the tiny student pre-trains on those codes briefly; the lowest
+    loss / context-free baseline wins (ties: the cheaper layer), and the full extract stores that layer.
+    `mlsm layer-report` runs on the sample too, for the record. The choice is kept in <out>/layer-choice/
+    and in the manifest (about 6-7 min for MiniLM's 6 layers on 2 CPU cores).
     """
     from mlsm.pipeline.extract import run_extract
 
-    run_extract(from_cli(ExtractConfig, kw))
+    man = run_extract(from_cli(ExtractConfig, kw))
+    if man.get("stage") == "layer-choice":
+        click.echo(man["layer_choice"]["chosen"])  # alone on stdout: LAYER=$(mlsm extract --layers auto --layer-choice-only)
 
 
 @cli.command("sparse-code")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -173,14 +174,34 @@ def run_extract(cfg: ExtractConfig) -> dict:
     complete=False.
     """
     cfg.validate()
+    choice = None
+    if cfg.layers == "auto":
+        cfg, choice = _resolve_auto_layer(cfg)
+        if cfg.layer_choice_only:
+            return {"stage": "layer-choice", "complete": True, "layer_choice": choice}
     rank = join(index=cfg.worker_index, count=cfg.num_workers, timeout=BARRIER_TIMEOUT)
     try:
-        return _run_extract(cfg, rank)
+        return _run_extract(cfg, rank, choice)
     finally:
         rank.close()
 
 
-def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
+def _resolve_auto_layer(cfg: ExtractConfig) -> tuple[ExtractConfig, dict]:
+    """`--layers auto`: the recipe's layer. Several workers each read a choice made before they start
+    (`mlsm extract --layers auto` alone, or one worker's run), so no two of them write it at once."""
+    from mlsm.pipeline import layer_choice
+
+    several = ((cfg.num_workers or 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1) and not cfg.layer_choice_only
+    folder = Path(cfg.layer_choice_dir or Path(cfg.out) / layer_choice.CHOICE_DIR)
+    if several and not (folder / layer_choice.CHOICE_FILE).is_file():
+        raise MLSMError(f"--layers auto with several workers needs the choice made first: {folder / 'choice.json'} "
+                        f"is missing. Run `mlsm extract --layers auto --out {cfg.out} ...` once (one process; it "
+                        f"stops after the choice with --layer-choice-only), then start the workers.")
+    choice = layer_choice.choose_layer(dataclasses.replace(cfg, force=cfg.force and not several))
+    return dataclasses.replace(cfg, layers=(choice["chosen"],)), choice
+
+
+def _run_extract(cfg: ExtractConfig, rank: Rank, choice: dict | None = None) -> dict:
     out_dir = Path(cfg.out)
     model_dir = hf.resolve_model_dir(cfg.aux)
     tokenizer = hf.load_tokenizer(model_dir)
@@ -218,6 +239,8 @@ def _run_extract(cfg: ExtractConfig, rank: Rank) -> dict:
     stage_doc = new_manifest("extract", params, inputs)
     stage_doc.update(aux=str(cfg.aux or hf.DEFAULT_AUX), aux_config=config.to_hf(), d=config.hidden_size,
                      special_ids=special, **source.describe())
+    if choice is not None:
+        stage_doc["layer_choice"] = choice
     write_json_atomic(out_dir / PROGRESS, stage_doc)
     done = _done_shards(out_dir)
     record_path = out_dir / WORKERS_DIR / f"{rank.name}.json"

@@ -32,7 +32,9 @@ class FusedSource:
 
     def __init__(self, cfg: SparseCodeConfig):
         if cfg.layer is None:
-            raise MLSMError("--from-tokens needs --layer: the layer of the auxiliary model whose states are coded.")
+            raise MLSMError("--from-tokens needs --layer N: the layer of the auxiliary model whose states are coded "
+                            "(the recipe's choice: LAYER=$(mlsm extract --layers auto --layer-choice-only --tokens "
+                            f"{cfg.from_tokens} --out data/extract))." )
         self.stream = TokenStream(cfg.from_tokens)
         self.model_dir = hf.resolve_model_dir(cfg.aux)
         self.aux = str(cfg.aux or hf.DEFAULT_AUX)

@@ -134,6 +134,23 @@ def parse_layers(ctx, param, value) -> tuple[int, ...]:
         raise click.BadParameter("layers are integers, e.g. --layers 6 or --layers 2,4,6") from None
 
 
+def parse_layer_or_auto(ctx, param, value) -> int | None:
+    """sparse-code's --layer: an integer, or auto / nothing (the extract's single layer)."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter("a layer is an integer (HF numbering) or auto, e.g. --layer 3") from None
+
+
+def parse_layers_or_auto(ctx, param, value) -> tuple[int, ...] | str:
+    """extract's --layers: integers, or `auto` (the layer recipe picks one: pipeline/layer_choice.py)."""
+    if [str(v).strip().lower() for v in value] == ["auto"]:
+        return "auto"
+    return parse_layers(ctx, param, value)
+
+
 # Field factories for options several stages share (a dataclass field object serves one class only).
 def _worker_index():
     return opt(None, "This worker's index (0..n-1); it takes shards i, i+n, i+2n, ... Under torchrun RANK sets it.",
@@ -197,9 +214,27 @@ class ExtractConfig:
                                     "--max-tokens then come from it).", type=click.Path(path_type=Path))
     aux: str | None = opt(None, "Auxiliary encoder: 'minilm' (default, the embedded all-MiniLM-L6-v2), a local HF "
                                 "BERT directory, or one of our runs/checkpoints.")
-    layers: tuple[int, ...] = opt((), "Layer(s) to store, HF numbering (0 = embeddings, i = block i). Explicit on "
-                                      "purpose: the choice of layer shapes the targets. e.g. --layers 6 or 2,4,6",
-                                  required=True, multiple=True, callback=parse_layers, record=True)
+    layers: tuple[int, ...] | str = opt((), "Layer(s) to store, HF numbering (0 = embeddings, i = block i). "
+                                            "Explicit on purpose: the choice of layer shapes the targets. e.g. "
+                                            "--layers 6 or 2,4,6, or auto: the layer recipe chooses one on a sample "
+                                            "first (--layer-* options; docs/evaluation.md), and the manifest records "
+                                            "the choice.",
+                                        required=True, multiple=True, callback=parse_layers_or_auto, record=True)
+    layer_candidates: tuple[int, ...] = opt((), "With --layers auto: the layers to choose from (default: every block "
+                                                "of the auxiliary model, 1..L).", multiple=True, callback=parse_layers)
+    layer_sample_tokens: int = opt(50_000, "With --layers auto: tokens at the head of the slice the candidates are "
+                                           "extracted on, coded and pre-trained on.")
+    layer_proxy_steps: int = opt(300, "With --layers auto: steps of the tiny student's proxy pre-training per "
+                                      "candidate (about 45 s each on 2 CPU cores).")
+    layer_proxy_k: int = opt(500, "With --layers auto: dictionary size of the proxy's codes of the sample.")
+    layer_tie: float = opt(0.02, "With --layers auto: layers whose proxy loss / baseline is within this share of "
+                                 "the lowest are tied; the shallowest (cheapest) of them wins.")
+    layer_seed: int = opt(0, "With --layers auto: seed of the samples, dictionaries and proxy students.")
+    layer_choice_dir: Path | None = opt(None, "With --layers auto: where the choice's sample extract, report and "
+                                              "choice.json go (default <out>/layer-choice; reused when present).",
+                                        type=click.Path(path_type=Path))
+    layer_choice_only: bool = opt(False, "With --layers auto: make the choice, print the chosen layer and stop "
+                                         "(before starting several workers, or for sparse-code --from-tokens).")
     max_len: int = opt(128, "Tokens per packed sequence, [CLS] and [SEP] included.", record=True)
     max_tokens: int | None = opt(None, "Stop after this many tokens (a slice of the corpus for quick runs).",
                                  type=TokenCount(), record=True)
@@ -216,7 +251,17 @@ class ExtractConfig:
     def validate(self) -> None:
         problems = worker_flag_problems(self.worker_index, self.num_workers)
         if not self.layers:
-            problems.append("give at least one layer (--layers)")
+            problems.append("give at least one layer (--layers), or --layers auto")
+        if self.layer_choice_only and self.layers != "auto":
+            problems.append("--layer-choice-only goes with --layers auto")
+        if self.layer_sample_tokens < 1000:
+            problems.append("--layer-sample-tokens must be at least 1000")
+        if self.layer_proxy_steps < 10:
+            problems.append("--layer-proxy-steps must be at least 10 (the proxy loss averages its last logged steps)")
+        if self.layer_proxy_k < 2:
+            problems.append("--layer-proxy-k must be at least 2")
+        if not 0.0 <= self.layer_tie < 1.0:
+            problems.append("--layer-tie is a share in [0, 1)")
         if self.max_len < 3:
             problems.append("--max-len must leave room for [CLS], [SEP] and one token (>= 3)")
         for name in ("shard_tokens", "batch_tokens"):
@@ -236,8 +281,9 @@ class SparseCodeConfig:
     aux: str | None = opt(None, "With --from-tokens: the auxiliary encoder, as for `mlsm extract --aux`.")
     dictionary: Path | None = opt(None, "Code with this dictionary.h5 (of the same auxiliary model, layer, K and "
                                         "lambda) instead of learning one.", type=click.Path(path_type=Path))
-    layer: int | None = opt(None, "Which extracted layer to code (needed if several were extracted).", type=int,
-                            record=True)
+    layer: int | None = opt(None, "Which extracted layer to code (needed if several were extracted). auto, or "
+                                  "none given: the extract's one layer (the one `--layers auto` chose).",
+                            callback=parse_layer_or_auto, record=True)
     K: int = opt(3000, "Dictionary size (number of latent semantic properties).", flags=("-k", "--K"), record=True)
     lam: float = opt(0.05, "L1 penalty of the non-negative lasso.", flags=("--lambda",), record="lambda")
     tol: float = opt(1e-4, "Certified relative duality gap each token's code is solved to.", record=True)

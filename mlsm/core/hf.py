@@ -214,7 +214,8 @@ def weights_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _read_config(model_dir: Path) -> BertConfig:
+def read_config(model_dir: Path) -> BertConfig:
+    """The model's config.json alone: what its shape is, without loading its weights."""
     path = Path(model_dir) / CONFIG
     if not path.is_file():
         raise MLSMError(f"{model_dir} has no {CONFIG}; it is not a Hugging Face model directory.")
@@ -289,7 +290,7 @@ def load_encoder(
 ) -> tuple[BertEncoder, BertConfig, Path]:
     """Load an encoder from a model spec (see resolve_model_dir), in eval mode."""
     model_dir = resolve_model_dir(spec)
-    config = _read_config(model_dir)
+    config = read_config(model_dir)
     tensors = _strip_prefix(_read_tensors(model_dir))
     # Build on the meta device: random init of weights that are overwritten next is wasted time.
     with torch.device("meta"):
@@ -304,7 +305,7 @@ def load_encoder(
 def load_student(model_dir: Path, num_atoms: int | None, mlm: bool) -> Student:
     """Our checkpoints: encoder + head keys. A head absent from the file keeps its fresh init."""
     model_dir = Path(model_dir)
-    config = _read_config(model_dir)
+    config = read_config(model_dir)
     student = Student(config, num_atoms, mlm)
     tensors = _strip_prefix(_read_tensors(model_dir))
     enc = _check_encoder_keys(student.encoder, tensors, model_dir)
