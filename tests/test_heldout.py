@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -14,11 +15,24 @@ from mlsm.pipeline.codes import TokenData
 from mlsm.trainer.data import BatchIterator, Masking
 from mlsm.trainer.heldout import heldout_batches
 from mlsm.trainer.train import run_pretrain
-from tests.test_data import PAD
-from tests.test_train import NO_DROPOUT, TIMING, _cfg, _metrics, codes_h5, one_thread, run_until_killed  # noqa: F401
+from tests.test_data import PAD, make_dataset
+from tests.test_train import NO_DROPOUT, TIMING, _cfg, _metrics, run_until_killed
 
 HELD = 24
 NO_TIMING = TIMING | {"heldout_s"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a busy 2-core box (as tests/test_train.py)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def codes_h5(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("codes"))
 
 
 def _masking(data: TokenData) -> Masking:
