@@ -37,22 +37,24 @@ from mlsm.core.errors import MLSMError
 log = logging.getLogger("compare")
 
 FRACTIONS = (0.25, 0.5, 1.0)
+LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3)  # every size sweeps the pre-training rate of each objective on it (--lr-grid)
 SIZES = {
     # Numbers mean nothing at this size: it only proves every stage runs and the outputs are written.
     "smoke": dict(tokens=20_000, layers=[3, 6], main_layer=6, K=200, dict_samples=15_000, dict_heldout=2_000,
                   model="tiny", steps=40, batch=16, lr=2e-3, ft_seeds=1, ft_epochs=1, ft_lr=1e-4, ft_batch=32,
                   max_train=200, max_eval=200, report_samples=4_000, report_heldout=1_000, report_K=100, device="cpu",
-                  pretrain_seeds=1),
+                  pretrain_seeds=1, eval_sequences=32),
     # About 70 min on 2 CPU cores (pre-training ~30 min, fine-tuning ~40 min). Fine-tuning lr 1e-3 and 2000
     # training examples: at 1e-4 and 500 the tiny students stayed at the majority class (docs/evaluation.md).
     "cpu": dict(tokens=200_000, layers=[3, 6], main_layer=6, K=1000, dict_samples=100_000, dict_heldout=10_000,
                 model="tiny", steps=500, batch=32, lr=2e-3, ft_seeds=3, ft_epochs=3, ft_lr=1e-3, ft_batch=32,
                 max_train=2000, max_eval=500, report_samples=20_000, report_heldout=5_000, report_K=500, device="cpu",
-                pretrain_seeds=2),
+                pretrain_seeds=2, eval_sequences=128),
     # One GPU: BERT-mini, 4000 steps of 128 sequences over the whole SOTU corpus, the paper's K.
     "gpu": dict(tokens=None, layers=[2, 4, 6], main_layer=6, K=3000, dict_samples=1_000_000, dict_heldout=20_000,
                 model="mini", steps=4000, batch=128, lr=1e-3, ft_seeds=3, ft_epochs=3, ft_lr=1e-4, ft_batch=32, max_train=None,
-                max_eval=None, report_samples=50_000, report_heldout=10_000, report_K=1000, device="cuda", pretrain_seeds=1),
+                max_eval=None, report_samples=50_000, report_heldout=10_000, report_K=1000, device="cuda", pretrain_seeds=1,
+                eval_sequences=512),
 }
 
 
@@ -123,13 +125,14 @@ def _score(res: dict, metric: str) -> tuple[float, float]:
 
 
 def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, out: Path, timings: dict,
-                 plateau: dict | None = None, tag: str = "") -> Path:
+                 plateau: dict | None = None, tag: str = "", extra: dict | None = None) -> Path:
     """Write <out>/compare[-size][tag].md, .json and .png; returns that path without its suffix."""
     from mlsm.pipeline.layer_report import markdown as layer_md
 
     tasks = sorted({r["task"] for r in rows})
     lines = [f"# MLSM vs MLM at equal pre-training budget ({size} size)", "",
-             f"Student `{p['model']}`, {p['steps']} steps x {p['batch']} sequences, lr {p['lr']}, corpus "
+             f"Student `{p['model']}`, {p['steps']} steps x {p['batch']} sequences, each objective at its best lr of "
+             f"{', '.join(map(str, p.get('lr_grid', [p['lr']])))} (sweep below), corpus "
              f"`{p['corpus']}` ({'all' if p['tokens'] is None else p['tokens']} tokens); targets from "
              f"MiniLM layer {p['main_layer']} with K={p['K']}. Fine-tuning: {p['ft_seeds']} seeds, {p['ft_epochs']} "
              f"epochs, lr {p['ft_lr']}, batch {p['ft_batch']}, at most {p['max_train']} training and "
@@ -148,7 +151,10 @@ def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, o
             else:
                 vals.append("–")
         lines.append(f"| {run} | {obj} | {step} | " + " | ".join(vals) + " |")
+    extra = extra or {}
     lines += seed_spread(rows, tasks)
+    lines += sweep_section(extra.get("sweep", []), extra.get("best_lr", {}))
+    lines += cost_section(extra)
     lines += plateau_section(plateau or {})
     if layer_rep is not None:
         lines += ["", "## Layer report (auxiliary model)", "", layer_md(layer_rep)]
@@ -161,8 +167,11 @@ def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, o
     (out / f"compare{suffix}.json").write_text(json.dumps(
         {"size": size, "params": p, "rows": [{k: v for k, v in r.items() if k != "result"} | {
             "summary": r["result"]["summary"], "seeds": r["result"]["seeds"]} for r in rows],
-         "layer_report": layer_rep, "plateau": plateau, "timings_s": timings}, indent=2, default=str), encoding="utf-8")
+         "layer_report": layer_rep, "plateau": plateau, "timings_s": timings, **extra}, indent=2, default=str),
+        encoding="utf-8")
     plot(rows, tasks, out / f"compare{suffix}.png", size)
+    if extra.get("curves"):
+        plot_cost(extra["curves"], out / f"compare{suffix}-cost.png", size)
     return out / f"compare{suffix}"
 
 
@@ -256,6 +265,127 @@ def plot(rows: list[dict], tasks: list[str], path: Path, size: str) -> None:
     plt.close(fig)
 
 
+def dev_score(res: dict) -> float:
+    """Mean dev accuracy over fine-tuning seeds: the score the cost curves and the headline use
+    (test stays out of every choice and of the headline)."""
+    split = "dev" if "dev" in res["summary"] else "test"
+    return res["summary"][split]["accuracy"]["mean"]
+
+
+def whole_costs(rows: list[dict], runs: dict, run_dirs: dict, codes: dict, extract_dir: Path, p: dict,
+                base_run: dict, pretrain_seed: dict) -> dict:
+    """Cost curves (dev accuracy averaged over tasks vs cumulative cost) of every run, and the
+    headline ratio of each MLSM run against MLM, preprocessing paid in full and halved."""
+    from mlsm.core.bert import BertConfig
+    from mlsm.pipeline.codes import TokenData
+    from mlsm.trainer.cost import (
+        cost_curve,
+        preprocessing_cost,
+        reach_ratio,
+        student_flops_per_step,
+        training_cost_by_step,
+    )
+
+    pre = {layer: preprocessing_cost(extract_dir, codes[layer], layer) for layer in {runs[n][2] for n in runs}}
+    scores: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        if r["run"] in runs:
+            scores.setdefault(r["run"], {}).setdefault(r["step"], []).append(dev_score(r["result"]))
+    curves: dict[str, dict] = {}
+    for name, (objective, w, layer, _) in runs.items():
+        if name not in scores:
+            continue
+        d = run_dirs[name]
+        cfg = BertConfig.from_hf(json.loads((d / f"step-{p['steps']:07d}" / "config.json").read_text()))
+        with TokenData(codes[layer] / "codes.h5") as data:
+            mean_len = data.num_tokens / data.num_sequences
+            K = data.K
+        heads = (cfg.vocab_size,) if objective == "mlm" else ((K, cfg.vocab_size) if w > 0 else (K,))
+        fps = student_flops_per_step(cfg, p["batch"] * mean_len, mean_len, 0.15 * p["batch"] * max(mean_len - 2, 1), heads)
+        by_step = training_cost_by_step(d, fps)
+        pts = [(step, statistics.fmean(v)) for step, v in scores[name].items()]
+        shared = None if objective == "mlm" else pre[layer]
+        curves[name] = {"base_run": base_run[name], "seed": pretrain_seed[name], "objective": objective, "flops_per_step": fps,
+                        "full": cost_curve(pts, by_step, shared), "amortised": cost_curve(pts, by_step, shared, 2)}
+    headline = {}
+    mlm = {k: v for k, v in curves.items() if v["base_run"] == "mlm"}
+    for base in sorted({v["base_run"] for v in curves.values()} - {"mlm"}):
+        other = {k: v for k, v in curves.items() if v["base_run"] == base}
+        headline[base] = {f"{pay}_{axis}": reach_ratio({c["seed"]: c[pay] for c in mlm.values()},
+                                                        {c["seed"]: c[pay] for c in other.values()}, axis)
+                          for pay in ("full", "amortised") for axis in ("seconds", "flops")}
+    return {"preprocessing": {str(k): v for k, v in pre.items()}, "curves": curves, "headline": headline}
+
+
+def sweep_section(sweep: list[dict], best_lr: dict) -> list[str]:
+    if not sweep:
+        return []
+    lrs = sorted({r["lr"] for r in sweep})
+    lines = ["", "## Pre-training learning-rate sweep (held-out pre-training loss, seed 0)", "",
+             "Each objective's rate is the one of its lowest held-out loss (the last sequences of the token stream, "
+             "never trained on, fixed masks). MLM cross-entropy and MLSM KL are different quantities: compare "
+             "within a row only.", "", "| run | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best |",
+             "|---|" + "---|" * (len(lrs) + 1)]
+    for run in dict.fromkeys(r["run"] for r in sweep):
+        cell = {r["lr"]: r["heldout_loss"] for r in sweep if r["run"] == run}
+        lines.append(f"| {run} | " + " | ".join(f"{cell[lr]:.4f}" if lr in cell else "–" for lr in lrs)
+                     + f" | {best_lr[run]:g} |")
+    return lines
+
+
+def cost_section(extra: dict) -> list[str]:
+    if not extra.get("headline"):
+        return []
+    fmt = lambda h: ("not reached" if h["mean"] is None else f"{h['mean']:.2f} ± {h['std']:.2f}") + (  # noqa: E731
+        f" (reached by {h['reached']} of {h['seeds']} seeds)")
+    lines = ["", "## Whole cost: MLSM's cost to reach MLM's best dev score, over MLM's", "",
+             "Per pre-training seed: the best dev accuracy (mean over tasks and fine-tuning seeds) any MLM checkpoint "
+             "reaches, the cost of the cheapest MLM checkpoint reaching it, and of the cheapest MLSM checkpoint "
+             "reaching it, preprocessing included (aux extract, dictionary, coding; trainer/cost.py). Mean ± std over "
+             "pre-training seeds of the ratio, where reached. Goal: <= 0.5. FLOPs: the aux forward and the student "
+             "(the coding is not a matmul count, it is on the seconds axis only); seconds: measured on this machine.", "",
+             "| run | seconds, preprocessing in full | seconds, amortised over 2 students | FLOPs, in full | "
+             "FLOPs, amortised |", "|---|---|---|---|---|"]
+    for base, h in extra["headline"].items():
+        lines.append(f"| {base} | {fmt(h['full_seconds'])} | {fmt(h['amortised_seconds'])} | {fmt(h['full_flops'])} | "
+                     f"{fmt(h['amortised_flops'])} |")
+    lines += ["", "Preprocessing per coded layer:", "", "| layer | aux GFLOPs | extract s | dictionary s | coding s | "
+              "merge s | total s |", "|---|---|---|---|---|---|---|"]
+    for layer, c in extra["preprocessing"].items():
+        lines.append(f"| {layer} | {c['flops'] / 1e9:.1f} | {c['extract_s']:.0f} | {c['dictionary_s']:.0f} | "
+                     f"{c['coding_s']:.0f} | {c['finalize_s']:.0f} | {c['seconds']:.0f} |")
+    return lines
+
+
+def plot_cost(curves: dict, path: Path, size: str) -> None:
+    """Dev score vs cumulative cost, one line per run (mean over its pre-training seeds, band: min-max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    for ax, axis, unit in zip(axes[0], ("seconds", "flops"), ("s on this machine", "analytic FLOPs"), strict=True):
+        for base in dict.fromkeys(v["base_run"] for v in curves.values()):
+            seeds = [v["full"] for v in curves.values() if v["base_run"] == base]
+            steps = sorted(set.intersection(*[{r["step"] for r in c} for c in seeds]))
+            at = [[next(r for r in c if r["step"] == s) for c in seeds] for s in steps]
+            xs = [statistics.fmean(r[axis] for r in rs) for rs in at]
+            ys = [[100 * r["score"] for r in rs] for rs in at]
+            line, = ax.plot(xs, [statistics.fmean(y) for y in ys], marker="o", label=base)
+            if len(seeds) > 1:
+                ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2, color=line.get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel(f"cumulative cost, preprocessing in full ({unit})")
+        ax.set_ylabel("dev accuracy, mean over tasks (%)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Fine-tuned dev score vs whole cost ({size} size; bands: pre-training seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -273,6 +403,8 @@ def main(argv=None) -> int:
                     help="Pre-training steps instead of the size's (another budget on the same data and codes).")
     ap.add_argument("--runs", default=None,
                     help="Only these runs, comma-separated (mlm, mlsm-L6, mlsm+mlm-L6, mlsm-L3, mlm-s1, ...).")
+    ap.add_argument("--lr-grid", default=None,
+                    help=f"Pre-training rates swept per objective, comma-separated (default {','.join(map(str, LR_GRID))}).")
     ap.add_argument("--final-only", action="store_true", help="Fine-tune only each run's final checkpoint.")
     ap.add_argument("--tag", default=None,
                     help="Suffix of the run/finetune folders and the report (default with --steps N: -N-steps).")
@@ -292,6 +424,9 @@ def run(args) -> None:
     except ImportError as e:
         raise MLSMError("the compare plot needs matplotlib: pip install -e '.[plot]' (make compare does it).") from e
     p = dict(SIZES[args.size], corpus=args.corpus)
+    p["lr_grid"] = [float(x) for x in args.lr_grid.split(",")] if args.lr_grid else list(LR_GRID)
+    if len(p["lr_grid"]) < 1:
+        raise MLSMError("--lr-grid needs at least one rate")
     if args.device:
         p["device"] = args.device
     if args.steps:
@@ -344,19 +479,42 @@ def run(args) -> None:
         f"mlsm-L{L}": ("mlsm", 0.0, L, FRACTIONS),
         f"mlsm+mlm-L{L}": ("mlsm", 1.0, L, FRACTIONS),
     }
-    for layer in layers:
+    run_dirs, best_lr = {}, {}
+
+    def pretrain(folder: str, objective: str, w: float, layer: int, lr: float, seed: int) -> Path:
+        d = work / f"runs{tag}" / folder
+        mlsm_cmd("pretrain", "--data", codes[layer] / "codes.h5", "--out", d, "--objective", objective,
+                 "--mlm-weight", w, "--model", p["model"], "--steps", p["steps"], "--batch-size", p["batch"],
+                 "--lr", lr, "--seed", seed, "--device", p["device"], "--milestones", "--log-every", 50,
+                 "--eval-sequences", p["eval_sequences"], *progress)
+        return d
+
+    # Each objective at its own best rate: the grid is run with seed 0 and the rate of the lowest
+    # held-out pre-training loss wins (docs/evaluation.md says why not the dev score).
+    sweep = []
+    for name in [n for n in runs if not args.runs or n in args.runs.split(",")]:
+        objective, w, layer, _ = runs[name]
+        for lr in p["lr_grid"]:
+            d = pretrain(f"{name}-lr{lr:g}", objective, w, layer, lr, args.seed)
+            held = json.loads((d / "run.json").read_text())["heldout"]
+            sweep.append({"run": name, "lr": lr, "heldout_loss": held["heldout_loss"], "dir": str(d)})
+        best = min((r for r in sweep if r["run"] == name), key=lambda r: r["heldout_loss"])
+        best_lr[name], run_dirs[name] = best["lr"], Path(best["dir"])
+    for layer in layers:  # other layers' codes: at MLSM's best rate (their losses are not comparable to L's)
         if layer != L:
             runs[f"mlsm-L{layer}"] = ("mlsm", 0.0, layer, (1.0,))
+            best_lr[f"mlsm-L{layer}"] = best_lr.get(f"mlsm-L{L}", p["lr"])
     pretrain_seed = {name: 0 for name in runs}
     base_run = {name: name for name in runs}
     # Fine-tuning seeds do not show how much the pre-training run itself varies: MLM and the MLSM
-    # run of every layer are repeated with other seeds (init, masks, data order), final checkpoint only.
+    # run of every layer are repeated with other seeds (init, masks, data order) at their best rate,
+    # with the same milestones, so the cost curves have a band and the headline a spread.
     for k in range(1, p["pretrain_seeds"]):
         for base in ["mlm"] + [f"mlsm-L{layer}" for layer in layers]:
-            objective, w, layer, _ = runs[base]
-            runs[f"{base}-s{k}"] = (objective, w, layer, (1.0,))
-            pretrain_seed[f"{base}-s{k}"] = k
-            base_run[f"{base}-s{k}"] = base
+            objective, w, layer, fr = runs[base]
+            runs[f"{base}-s{k}"] = (objective, w, layer, fr)
+            pretrain_seed[f"{base}-s{k}"], base_run[f"{base}-s{k}"] = k, base
+            best_lr[f"{base}-s{k}"] = best_lr.get(base, p["lr"])
     if args.runs:
         wanted = [r for r in args.runs.split(",") if r]
         unknown = sorted(set(wanted) - set(runs))
@@ -365,13 +523,10 @@ def run(args) -> None:
         runs = {k: v for k, v in runs.items() if k in wanted}
     if args.final_only:
         runs = {k: (*v[:3], (1.0,)) for k, v in runs.items()}
-    run_dirs = {}
     for name, (objective, w, layer, _) in runs.items():
-        run_dirs[name] = work / f"runs{tag}" / name
-        mlsm_cmd("pretrain", "--data", codes[layer] / "codes.h5", "--out", run_dirs[name], "--objective", objective,
-                 "--mlm-weight", w, "--model", p["model"], "--steps", p["steps"], "--batch-size", p["batch"],
-                 "--lr", p["lr"], "--seed", args.seed + pretrain_seed[name], "--device", p["device"], "--milestones",
-                 "--log-every", 50, *progress)
+        if name not in run_dirs:
+            run_dirs[name] = pretrain(f"{name}-lr{best_lr[name]:g}", objective, w, layer, best_lr[name],
+                                      args.seed + pretrain_seed[name])
     timings["pretrain"] = time.time() - t0
     baselines = {layer: marginal_baselines(codes[layer] / "codes.h5") for layer in {runs[n][2] for n in runs}}
     plateau = {name: {**final_losses(run_dirs[name]), **baselines[layer]} for name, (_, _, layer, _) in runs.items()}
@@ -389,12 +544,14 @@ def run(args) -> None:
         for task in tasks:
             log.info("fine-tune %s step %d on %s", name, step, task.name)
             ft_dir = work / ("finetune" if name == "random-init" else f"finetune{tag}")  # random init: any budget
-            res = finetune_cached(d, task, ft_dir / name / d.name / task.name, p)
+            res = finetune_cached(d, task, ft_dir / d.parent.name / d.name / task.name, p)  # the run's folder names its rate
             rows.append({"run": name, "base_run": base_run.get(name, name), "objective": label, "step": step,
                          "task": task.name, "result": res, "pretrain_seed": pretrain_seed.get(name, 0)})
     timings["finetune"] = time.time() - t0
 
-    stem = write_report(rows, layer_rep, p, args.size, args.out, timings, plateau, tag)
+    costs = whole_costs(rows, runs, run_dirs, codes, ex, p, base_run, pretrain_seed)
+    stem = write_report(rows, layer_rep, p, args.size, args.out, timings, plateau, tag,
+                        extra={"sweep": sweep, "best_lr": best_lr, **costs})
     log.info("wrote %s.md, .json and .png", stem)
 
 

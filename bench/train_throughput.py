@@ -39,6 +39,7 @@ from mlsm.core.bert import BertConfig, Student
 from mlsm.core.device import native_bf16, resolve_precision
 from mlsm.pipeline.codes import TokenData
 from mlsm.pipeline.solvers import fista_fixed, lipschitz
+from mlsm.trainer.cost import student_flops_per_step
 from mlsm.trainer.data import BatchIterator, Masking, Prefetcher
 from mlsm.trainer.train import StepSpec, _to, adamw, param_groups, train_step
 
@@ -187,14 +188,6 @@ def loader_alone(data, tok, args) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
-def flops_per_step(config: BertConfig, tokens: float, seq_len: float, masked: float, K: int) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of the encoder and the masked-only MLSM head."""
-    H, L, I = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    per_token_layer = 2 * (4 * H * H + 2 * H * I) + 4 * seq_len * H  # matmuls + attention scores and mixing
-    head = 2 * (H * H + H * K) * masked
-    return 3 * (tokens * L * per_token_layer + head)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -262,7 +255,7 @@ def main(argv=None) -> dict:
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16.items() if k in name.replace("NVIDIA ", "").split()[0]), None)
         if peak and bf16:
-            mfu = flops_per_step(config, tokens, seq_len, masked, args.K) / (results["mlsm"]["ms"] / 1e3) / peak
+            mfu = student_flops_per_step(config, tokens, seq_len, masked, (args.K,)) / (results["mlsm"]["ms"] / 1e3) / peak
     ms = {m: results[m]["ms"] if m in results else None for m in MODES}
     train_tps = results["mlsm"]["train_tokens_per_s"] if "mlsm" in results else None
     out = {

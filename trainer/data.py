@@ -229,17 +229,20 @@ class BatchIterator:
     """
 
     def __init__(self, data: TokenData, batch_size: int, *, seed: int, masking: Masking, micro_batches: int = 1,
-                 rank: Rank = ONE_PROCESS, with_targets: bool = True, block_size: int = 64, shuffle_window: int = 4096):
+                 rank: Rank = ONE_PROCESS, with_targets: bool = True, block_size: int = 64, shuffle_window: int = 4096,
+                 held_out: int = 0):
         world_size = rank.count
+        # The last `held_out` sequences are never trained on (trainer/heldout.py evaluates on them).
+        self.num_sequences = data.num_sequences - held_out
         if batch_size % (micro_batches * world_size):
             raise MLSMError(
                 f"batch size {batch_size} is not divisible by grad_accum x world size = {micro_batches * world_size}; "
                 "choose a batch size that is."
             )
-        if data.num_sequences < batch_size:
+        if self.num_sequences < batch_size:
             raise MLSMError(
-                f"{data.path} holds {data.num_sequences} sequences, fewer than one batch of {batch_size}; "
-                "lower --batch-size or use more data."
+                f"{data.path} holds {data.num_sequences} sequences ({held_out} held out), fewer than one batch of "
+                f"{batch_size} to train on; lower --batch-size or --eval-sequences, or use more data."
             )
         if masking.policy not in MASK_POLICIES:
             raise MLSMError(f"unknown mask policy {masking.policy!r}; choose one of {', '.join(MASK_POLICIES)}.")
@@ -251,7 +254,7 @@ class BatchIterator:
         self.masking = masking
         self.micro_batches, self.rank, self.world_size = micro_batches, rank.index, world_size
         self.with_targets = with_targets
-        S = data.num_sequences
+        S = self.num_sequences
         self.block_starts = np.arange(0, S, block_size, dtype=np.int64)
         self.block_sizes = np.minimum(block_size, S - self.block_starts)
         self.window = -(-max(shuffle_window, batch_size) // batch_size) * batch_size
@@ -270,7 +273,7 @@ class BatchIterator:
             "batch": self.batch,
             "seed": self.seed,
             "batch_size": self.batch_size,
-            "num_sequences": self.data.num_sequences,
+            "num_sequences": self.num_sequences,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -292,7 +295,7 @@ class BatchIterator:
         rng = np.random.default_rng(_seed_of(self.seed, epoch, 1))
         perm = rng.permutation(len(self.block_starts))
         sizes, starts = self.block_sizes[perm], self.block_starts[perm]
-        S = self.data.num_sequences
+        S = self.num_sequences
         order = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(S, dtype=np.int64)
         for w0 in range(0, S, self.window):
             rng.shuffle(order[w0 : w0 + self.window])
@@ -354,21 +357,25 @@ class BatchIterator:
         return micro
 
     def _pack(self, b: Batch, masked_ids: torch.Tensor, selected: torch.Tensor) -> dict:
-        """Everything one forward pass needs, as CPU tensors."""
-        masked_index = selected.reshape(-1).nonzero().squeeze(1)  # (M,) flat positions in this micro-batch's (b, T)
-        out = {
-            "seq_ids": b.seq_ids,
-            "input_ids": masked_ids.contiguous(),
-            "attention_mask": b.attention_mask,
-            "masked_index": masked_index,
-            "mlm_labels": b.input_ids.reshape(-1)[masked_index],  # (M,) the original ids
-            "n_tokens": int(b.attention_mask.sum()),
-            "n_masked": int(masked_index.numel()),
-        }
-        if self.with_targets:
-            ip, ix, val = b.targets(masked_index.numpy())
-            out.update(target_indptr=ip, target_indices=ix, target_values=val, n_targets=int((ip[1:] > ip[:-1]).sum()))
-        return out
+        return pack_batch(b, masked_ids, selected, self.with_targets)
+
+
+def pack_batch(b: Batch, masked_ids: torch.Tensor, selected: torch.Tensor, with_targets: bool) -> dict:
+    """Everything one forward pass needs, as CPU tensors (training and held-out batches alike)."""
+    masked_index = selected.reshape(-1).nonzero().squeeze(1)  # (M,) flat positions in this micro-batch's (b, T)
+    out = {
+        "seq_ids": b.seq_ids,
+        "input_ids": masked_ids.contiguous(),
+        "attention_mask": b.attention_mask,
+        "masked_index": masked_index,
+        "mlm_labels": b.input_ids.reshape(-1)[masked_index],  # (M,) the original ids
+        "n_tokens": int(b.attention_mask.sum()),
+        "n_masked": int(masked_index.numel()),
+    }
+    if with_targets:
+        ip, ix, val = b.targets(masked_index.numpy())
+        out.update(target_indptr=ip, target_indices=ix, target_values=val, n_targets=int((ip[1:] > ip[:-1]).sum()))
+    return out
 
 
 class Prefetcher:

@@ -32,6 +32,7 @@ from mlsm.core.ranks import ONE_PROCESS, Rank, join
 from mlsm.pipeline.codes import TokenData, check_codes_file
 from mlsm.trainer.checkpoint import Checkpoints
 from mlsm.trainer.data import BatchIterator, Masking, Prefetcher
+from mlsm.trainer.heldout import MASK_SEED, heldout_batches, heldout_loss
 from mlsm.trainer.metrics_log import MetricsLog
 from mlsm.trainer.objectives import context_free_baselines, mlm_loss, mlsm_kl_loss
 from mlsm.trainer.provenance import data_provenance
@@ -383,7 +384,8 @@ def _train(cfg: PretrainConfig, data: TokenData, device: torch.device, rank: Ran
     data.pad_id = setup.special["pad"]
     masking = Masking.of(setup.special, setup.vocab_size, cfg.mask_prob, cfg.mask_policy)
     batches = BatchIterator(data, cfg.batch_size, seed=cfg.seed, masking=masking, micro_batches=cfg.grad_accum,
-                            rank=rank, with_targets=spec.use_mlsm, shuffle_window=cfg.shuffle_window)
+                            rank=rank, with_targets=spec.use_mlsm, shuffle_window=cfg.shuffle_window,
+                            held_out=cfg.eval_sequences)
     start = setup.resume[0] if setup.resume else 0
     state = ckpts.restore(setup.resume[1], opt, batches, rank, device) if setup.resume else {}
     skipped, bad_streak = int(state.get("skipped_steps", 0)), int(state.get("bad_streak", 0))
@@ -398,6 +400,10 @@ def _train(cfg: PretrainConfig, data: TokenData, device: torch.device, rank: Ran
                         0.0, 0, last_ckpt, device, skipped)
     extra = _checkpoint_json(cfg, setup, data, num_atoms)
     baseline = _baseline(cfg, spec, data, setup, rank)
+    held = heldout_batches(data, cfg.eval_sequences, cfg.batch_size, masking, spec.use_mlsm) if cfg.eval_sequences else []
+    eval_at = (save_at | ({s for s in range(cfg.eval_every, cfg.steps + 1, cfg.eval_every)} if cfg.eval_every else set())
+               if held else set())
+    heldout_final = None
     if device.type == "cuda":  # on CPU a prefetch thread only competes with the compute threads
         batches = Prefetcher(batches, pin_memory=True)
 
@@ -422,10 +428,16 @@ def _train(cfg: PretrainConfig, data: TokenData, device: torch.device, rank: Ran
             elif rank.is_main:
                 log.warning("step %d: the loss is %s and the gradient norm %s; skipped (no update), %d in a row, "
                             "%d in all", step, r.loss, r.grad_norm, bad_streak, skipped)
+            ev = {}
+            if step in eval_at:  # every rank scores the same batches; rank 0 writes them
+                t_ev = time.time()
+                ev = heldout_loss(model, held, spec)
+                ev["heldout_s"] = time.time() - t_ev
+                heldout_final = ev
             # Which steps are logged must not depend on where a run was resumed.
-            if step % cfg.log_every == 0 or step in (1, cfg.steps) or not r.applied:
+            if step % cfg.log_every == 0 or step in (1, cfg.steps) or not r.applied or ev:
                 now = time.time()
-                metrics.write({
+                metrics.write({**ev,
                     "step": step, "loss": r.loss, "mlsm_loss": r.mlsm_loss, "mlm_loss": r.mlm_loss, "lr": lr,
                     "grad_norm": r.grad_norm, "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
                     "masked_tokens": r.n_masked, "targets": r.n_targets if spec.use_mlsm else None,
@@ -458,6 +470,14 @@ def _train(cfg: PretrainConfig, data: TokenData, device: torch.device, rank: Ran
     summary = _summary(cfg, start, step, (first_loss, final_loss), wall, tokens_total, last_ckpt, device, skipped)
     summary.update(context_free_baseline=baseline,
                    loss_over_baseline=final_loss / baseline if baseline and final_loss is not None else None)
+    if held:
+        summary["heldout"] = {"sequences": cfg.eval_sequences, "mask_seed": MASK_SEED, "which": "last",
+                              "step": step, **(heldout_final or {})}
+        if rank.is_main:
+            run_json = cfg.out_dir / RUN_JSON
+            write_json_atomic(run_json, {**json.loads(run_json.read_text()), "heldout": summary["heldout"]})
+            log.info("held-out loss %.4f on the last %d sequences", summary["heldout"].get("heldout_loss"),
+                     cfg.eval_sequences)
     return summary
 
 

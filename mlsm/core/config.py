@@ -387,13 +387,16 @@ class PretrainConfig:
     milestones: bool = opt(True, "Checkpoint at 10/25/50/100% of the steps, as the paper reports.")
     keep_last: int = opt(0, "Keep only this many periodic checkpoints (milestones and the last are kept; 0: all).")
     log_every: int = opt(10, "Steps between metrics.jsonl records.")
+    eval_sequences: int = opt(0, "Hold out the last N sequences from training and record the loss on them (fixed "
+                                 "masks) at the milestones, every --eval-every steps and at the end (0: none).")
+    eval_every: int = opt(0, "Also evaluate the held-out loss every N steps (0: milestones and the end only).")
     report_to: str = _report_to("<run>/metrics.jsonl")
     max_bad_steps: int = opt(10, "Steps with a non-finite loss or gradient are skipped; this many in a row stop "
                                  "the run.")
     progress: bool = opt(True, _PROGRESS_HELP)
 
     RESUMABLE = frozenset({"steps", "device", "log_every", "save_every", "milestones", "keep_last", "progress",
-                           "data", "out_dir", "compile", "max_bad_steps", "report_to"})
+                           "data", "out_dir", "compile", "max_bad_steps", "report_to", "eval_every"})
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
@@ -425,6 +428,8 @@ class PretrainConfig:
             problems.append(f"shuffle_window must be >= 1 (got {self.shuffle_window})")
         if self.max_bad_steps < 1:
             problems.append(f"max_bad_steps must be >= 1 (got {self.max_bad_steps})")
+        if self.eval_sequences < 0 or self.eval_every < 0:
+            problems.append("eval_sequences and eval_every must be >= 0")
         check(problems, "pretrain")
 
     def to_json(self) -> dict:
