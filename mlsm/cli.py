@@ -18,6 +18,7 @@ from mlsm.core.config import (
     FinetuneConfig,
     LayerReportConfig,
     PretrainConfig,
+    ProbeConfig,
     SparseCodeConfig,
     TokenizeConfig,
     click_options,
@@ -54,6 +55,7 @@ def cli(verbose: bool, threads: int | None):
     Evaluation and hand-off:
       mlsm eval-data    offline downstream tasks -> data/eval/{bbc,supersense,pos}/
       mlsm finetune     fine-tune + score a checkpoint on a task (mean +- std over seeds)
+      mlsm probe        linear probes on a checkpoint's frozen features, per task and layer
       mlsm layer-report which auxiliary layer to take targets from (extract --layers first)
       mlsm atoms        what each atom (LSP) stands for: an HTML explorer of a codes folder
       mlsm export       a transformers BERT directory from any checkpoint
@@ -260,6 +262,24 @@ def finetune(tasks, **kw):
     if base.out_dir:
         (Path(base.out_dir) / "results.md").write_text(table, encoding="utf-8")
     click.echo(table)
+
+
+@cli.command()
+@click.option("--task", "tasks", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Task folder with train.*, dev.* and optionally test.* (as for finetune); repeat for several.")
+@click_options(ProbeConfig)
+def probe(tasks, **kw):
+    """Linear probes on MODEL's frozen features: a logistic regression per task and layer, L2 chosen on dev.
+
+    \b
+    Token tasks (POS, supersense) probe each word's first sub-token, sequence tasks the mean over tokens.
+    mlsm probe --model runs/mlsm-tiny --task data/eval/pos --task data/eval/supersense --out results/probe
+    mlsm probe --never-trained --model tiny --task data/eval/pos --layers all --out results/probe-floor
+    """
+    from mlsm.trainer.probe import markdown_table, run_probe
+
+    result = run_probe(from_cli(ProbeConfig, kw, tasks=tuple(tasks)))
+    click.echo(markdown_table([result]))
 
 
 @cli.command("layer-report")

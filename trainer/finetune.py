@@ -209,6 +209,25 @@ def load_task(folder: Path, text_cols=None, label_col=None) -> Task:
     return task
 
 
+def subsample_splits(task: Task, max_train: int | None, max_eval: int | None, seed: int) -> None:
+    """Cut train to max_train and dev, test to max_eval examples, in place.
+
+    Seeded subsamples, never the first rows: files are often sorted by label or source.
+    """
+    for i, (split, cap) in enumerate((("train", max_train), ("dev", max_eval), ("test", max_eval))):
+        rows = task.splits.get(split)
+        if cap is not None and rows is not None and len(rows) > cap:
+            keep = np.sort(np.random.default_rng([seed, i]).choice(len(rows), cap, replace=False))
+            task.splits[split] = [rows[j] for j in keep]
+
+
+def model_label(spec: str, model_dir: Path) -> str:
+    """How reports name a model: run/step-N for a checkpoint, an alias (`minilm`) itself, else the folder name."""
+    if model_dir.name.startswith("step-"):
+        return f"{model_dir.parent.name}/{model_dir.name}"
+    return spec if not Path(spec).exists() else model_dir.name
+
+
 # --------------------------------------------------------------------------- encoding
 
 Example = tuple  # (token ids, segment ids, label or per-token labels with -100 = ignore)
@@ -399,22 +418,14 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     require_sink(cfg.report_to)  # a missing package is an error before any fine-tuning starts
     device = pick_device(cfg.device)
     model_dir = hf.resolve_model_dir(cfg.model)
-    if model_dir.name.startswith("step-"):
-        model_name = f"{model_dir.parent.name}/{model_dir.name}"
-    else:  # an alias (`minilm`) names itself; a folder by its name
-        model_name = cfg.model if not Path(cfg.model).exists() else model_dir.name
+    model_name = model_label(cfg.model, model_dir)
     # results.json's config records the precision used (auto resolves per machine)
     cfg = dataclasses.replace(cfg, model=str(model_dir), precision=resolve_precision(cfg.precision, device))
     task = load_task(cfg.task, cfg.text_cols, cfg.label_col)
     tok = hf.load_tokenizer(model_dir)
     tok.enable_truncation(max_length=cfg.max_len)
     pad_id = hf.special_token_ids(tok)["pad"]
-    # Seeded subsamples, never the first rows: files are often sorted by label or source.
-    for i, (split, cap) in enumerate((("train", cfg.max_train), ("dev", cfg.max_eval), ("test", cfg.max_eval))):
-        rows = task.splits.get(split)
-        if cap is not None and rows is not None and len(rows) > cap:
-            keep = np.sort(np.random.default_rng([cfg.seed, i]).choice(len(rows), cap, replace=False))
-            task.splits[split] = [rows[j] for j in keep]
+    subsample_splits(task, cfg.max_train, cfg.max_eval, cfg.seed)
     label_ids = {lab: i for i, lab in enumerate(task.labels)}
     encoded = {split: encode_split(task, split, tok, label_ids, cfg.max_len) for split in task.splits}
     log.info("finetune %s (%s, %d labels): %s examples; model %s", task.name, task.kind, len(task.labels),

@@ -538,3 +538,51 @@ class AtomsConfig:
         if self.window < 0:
             problems.append("--window must be >= 0")
         check(problems, "atoms")
+
+
+def parse_probe_layers(ctx, param, value) -> str:
+    """'last', 'all' or a comma list of layer numbers (0 = embeddings), kept as text until the model is known."""
+    text = str(value).strip().lower()
+    if text in ("last", "all") or all(x.strip().isdigit() for x in text.split(",") if x.strip()) and text:
+        return text
+    raise click.BadParameter("give last, all, or layer numbers such as 0,1,2 (0 = embeddings)")
+
+
+@dataclass
+class ProbeConfig:
+    model: str | None = opt(None, "A run (its latest checkpoint), a step-XXXXXXX/ checkpoint, an exported HF BERT dir "
+                                  "or 'minilm'; with --never-trained, the preset to initialise (tiny, mini, ...).")
+    tasks: tuple[Path, ...] = opt((), "Task folders (see mlsm finetune).", cli=False)
+    never_trained: bool = opt(False, "Probe a randomly initialised student of preset --model (seeded by --seed): "
+                                     "the floor a pre-trained student must beat.")
+    tokenizer: str | None = opt(None, "With --never-trained: the model dir whose tokenizer (and vocabulary size) the "
+                                      "random student gets (default: the bundled MiniLM, the default aux model).")
+    layers: str = opt("last", "Layers to probe: last, all, or numbers like 0,2 (HF numbering, 0 = embeddings).",
+                      callback=parse_probe_layers)
+    out_dir: Path | None = opt(None, "Write <out>/probe.json and <out>/probe.md.", flags=("--out",),
+                               type=click.Path(path_type=Path))
+    l2_grid: tuple[float, ...] = opt((1e-5, 1e-4, 1e-3, 1e-2), "L2 strengths tried (penalty l2 * ||W||^2 on the "
+                                                               "mean loss); the best on dev is kept.",
+                                     flags=("--l2",), multiple=True, type=float)
+    max_iter: int = opt(100, "L-BFGS iterations per fit (full batch).")
+    seed: int = opt(0, "Seed of the subsamples and of --never-trained's weights.")
+    max_train: int | None = opt(None, "Seeded subsample of N training sentences/documents per task.", type=int)
+    max_eval: int | None = opt(None, "Seeded subsample of N dev and N test sentences/documents.", type=int)
+    max_len: int = opt(128, "Tokens per example, [CLS]/[SEP] included (longer ones are cut).")
+    batch: int = opt(64, "Examples per forward pass of the feature extraction.")
+    device: str = opt("auto", _DEVICE_HELP)
+    progress: bool = opt(True, _PROGRESS_HELP)
+
+    def validate(self) -> None:
+        problems = []
+        if not self.tasks:
+            problems.append("give at least one --task")
+        if self.model is None and not self.never_trained:
+            problems.append("give --model (a run or checkpoint), or --never-trained --model PRESET")
+        if not self.l2_grid or any(x < 0 for x in self.l2_grid):
+            problems.append(f"--l2 values must be >= 0 (got {self.l2_grid})")
+        if self.max_iter < 1 or self.batch < 1:
+            problems.append(f"max_iter and batch must be >= 1 (got {self.max_iter}, {self.batch})")
+        if self.max_len < 8:
+            problems.append(f"max_len must be >= 8 (got {self.max_len})")
+        check(problems, "probe")
