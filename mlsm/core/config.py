@@ -561,7 +561,7 @@ class ProbeConfig:
                       callback=parse_probe_layers)
     out_dir: Path | None = opt(None, "Write <out>/probe.json and <out>/probe.md.", flags=("--out",),
                                type=click.Path(path_type=Path))
-    l2_grid: tuple[float, ...] = opt((1e-5, 1e-4, 1e-3, 1e-2), "L2 strengths tried (penalty l2 * ||W||^2 on the "
+    l2_grid: tuple[float, ...] = opt((1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0), "L2 strengths tried (penalty l2 * ||W||^2 on the "
                                                                "mean loss); the best on dev is kept.",
                                      flags=("--l2",), multiple=True, type=float)
     max_iter: int = opt(100, "L-BFGS iterations per fit (full batch).")
