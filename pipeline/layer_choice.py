@@ -106,13 +106,14 @@ def choose_layer(cfg: ExtractConfig) -> dict:
                                      layer_choice_only=False)
     log.info("layer choice: extracting layers %s on the first %d tokens -> %s", candidates, sample_tokens, folder)
     man = run_extract(sample_cfg)
-    # the report's samples scale down with a small sample; its defaults otherwise (K=500, 20k + 5k tokens)
+    # the report's and the proxies' held-out tokens scale down with a small sample (report defaults: 20k + 5k)
     heldout = min(5_000, man["tokens"] // 5)
     samples = min(20_000, man["tokens"] - heldout)
     report = layer_report(LayerReportConfig(folder / "extract", folder, layers=tuple(candidates), samples=samples,
                                             heldout=heldout, seed=cfg.layer_seed, device=cfg.device,
                                             progress=cfg.progress))
-    proxies = {layer: _proxy(cfg, folder, layer, man["tokens"], man["sequences"]) for layer in candidates}
+    proxies = {layer: _proxy(cfg, folder, layer, man["tokens"] - heldout, heldout, man["sequences"])
+               for layer in candidates}
     chosen, tied = pick_layer({layer: p["ratio"] for layer, p in proxies.items()}, cfg.layer_tie)
     choice = {
         "chosen": chosen, "tied": tied, "rule": RULE, "params": params,
@@ -127,16 +128,15 @@ def choose_layer(cfg: ExtractConfig) -> dict:
     return choice
 
 
-def _proxy(cfg: ExtractConfig, folder: Path, layer: int, tokens: int, sequences: int) -> dict:
+def _proxy(cfg: ExtractConfig, folder: Path, layer: int, dict_samples: int, heldout: int, sequences: int) -> dict:
     """Code the sample's layer with a small dictionary and pre-train the tiny student on it briefly."""
     from mlsm.core.config import PretrainConfig, SparseCodeConfig
     from mlsm.pipeline.sparse_code import run_sparse_code
     from mlsm.trainer.train import run_pretrain
 
     codes, run_dir = folder / f"codes-L{layer}", folder / f"run-L{layer}"
-    heldout = min(5_000, tokens // 5)
     run_sparse_code(SparseCodeConfig(
-        extract_dir=folder / "extract", out=codes, layer=layer, K=cfg.layer_proxy_k, dict_samples=tokens - heldout,
+        extract_dir=folder / "extract", out=codes, layer=layer, K=cfg.layer_proxy_k, dict_samples=dict_samples,
         heldout=heldout, seed=cfg.layer_seed, device=cfg.device, progress=cfg.progress))
     run_pretrain(PretrainConfig(
         data=codes / "codes.h5", out_dir=run_dir, steps=cfg.layer_proxy_steps, lr=PROXY_LR,

@@ -337,12 +337,7 @@ class BatchIterator:
         mine = np.arange(self.rank * local, (self.rank + 1) * local)
         b = get_batch(self.data, glob, self._window_for(epoch, batch), with_codes=self.with_targets, rows=mine)
         gen = torch.Generator().manual_seed(_seed_of(self.seed, epoch, batch, 2))
-        ids, masked_index = mask_tokens(
-            b.input_ids, b.attention_mask, torch.isin(b.input_ids, self._special), self.masking, gen,
-        )
-        selected = torch.zeros(b.input_ids.numel(), dtype=torch.bool)  # (B*T,) flat, as masked_index
-        selected[masked_index] = True
-        selected = selected.view(b.input_ids.shape)  # (B, T)
+        ids, selected = mask_batch(b, self._special, self.masking, gen)
         # Sorted by length, micro-batches pad less; a batch is a set, so nothing else changes.
         mine = mine[np.argsort(self.data.lengths(glob[mine]), kind="stable")]
         micro = []
@@ -350,14 +345,18 @@ class BatchIterator:
             sub = b.take(rows)
             T = sub.input_ids.shape[1]
             r = torch.from_numpy(rows)
-            micro.append(self._pack(sub, ids[r, :T], selected[r, :T]))
+            micro.append(pack_batch(sub, ids[r, :T], selected[r, :T], self.with_targets))
         self.batch += 1
         if self.batch >= self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
         return micro
 
-    def _pack(self, b: Batch, masked_ids: torch.Tensor, selected: torch.Tensor) -> dict:
-        return pack_batch(b, masked_ids, selected, self.with_targets)
+def mask_batch(b: Batch, special: torch.Tensor, masking: Masking, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask a batch's tokens (never the `special` ids): (masked ids, selected positions as a (B, T) bool)."""
+    ids, masked_index = mask_tokens(b.input_ids, b.attention_mask, torch.isin(b.input_ids, special), masking, gen)
+    selected = torch.zeros(b.input_ids.numel(), dtype=torch.bool)  # (B*T,) flat, as masked_index
+    selected[masked_index] = True
+    return ids, selected.view(b.input_ids.shape)
 
 
 def pack_batch(b: Batch, masked_ids: torch.Tensor, selected: torch.Tensor, with_targets: bool) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mlsm.pipeline.codes import TokenData
-from mlsm.trainer.data import Masking, get_batch, mask_tokens, pack_batch
+from mlsm.trainer.data import Masking, get_batch, mask_batch, pack_batch
 from mlsm.trainer.objectives import mlm_loss, mlsm_kl_loss
 
 MASK_SEED = 1234  # the held-out masks: the same for every run, seed and learning rate
@@ -31,10 +31,8 @@ def heldout_batches(data: TokenData, n: int, batch_size: int, masking: Masking, 
     out = []
     for b0 in range(0, n, batch_size):
         b = get_batch(data, seqs[b0:b0 + batch_size], with_codes=with_targets)
-        ids, masked_index = mask_tokens(b.input_ids, b.attention_mask, torch.isin(b.input_ids, special), masking, gen)
-        selected = torch.zeros(b.input_ids.numel(), dtype=torch.bool)
-        selected[masked_index] = True
-        out.append(pack_batch(b, ids, selected.view(b.input_ids.shape), with_targets))
+        ids, selected = mask_batch(b, special, masking, gen)
+        out.append(pack_batch(b, ids, selected, with_targets))
     return out
 
 
@@ -62,8 +60,4 @@ def heldout_loss(model: torch.nn.Module, batches: list[dict], spec) -> dict:
         model.train(was_training)
     mlsm_v = kl_sum / max(n_targets, 1) if spec.use_mlsm else None
     mlm_v = ce_sum / max(n_masked, 1) if spec.use_mlm else None
-    if spec.use_mlsm and spec.use_mlm:
-        total = mlsm_v + spec.mlm_weight * mlm_v
-    else:
-        total = mlsm_v if spec.use_mlsm else mlm_v
-    return {"heldout_loss": total, "heldout_mlsm_loss": mlsm_v, "heldout_mlm_loss": mlm_v}
+    return {"heldout_loss": spec.total(mlsm_v, mlm_v), "heldout_mlsm_loss": mlsm_v, "heldout_mlm_loss": mlm_v}

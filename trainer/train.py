@@ -103,6 +103,12 @@ class StepSpec:
         return cls(use_mlsm=cfg.objective == "mlsm", use_mlm=cfg.objective == "mlm" or cfg.mlm_weight > 0,
                    mlm_weight=cfg.mlm_weight, clip=cfg.clip, bf16=bf16)
 
+    def total(self, mlsm_v: float | None, mlm_v: float | None) -> float:
+        """The objective from its parts: L_MLSM + w * L_MLM jointly, else the one part."""
+        if self.use_mlsm and self.use_mlm:
+            return mlsm_v + self.mlm_weight * mlm_v
+        return mlsm_v if self.use_mlsm else mlm_v
+
 
 @dataclass
 class StepResult:
@@ -164,10 +170,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro: list[d
     # rank: gradients are already averaged, and the losses are summed here).
     parts = rank.all_reduce_sum(torch.stack([step_mlsm.float(), step_mlm.float()]))
     mlsm_v, mlm_v, gn = torch.cat([parts, grad_norm.reshape(1).float()]).tolist()
-    if spec.use_mlsm and spec.use_mlm:
-        total = mlsm_v + spec.mlm_weight * mlm_v
-    else:
-        total = mlsm_v if spec.use_mlsm else mlm_v
+    total = spec.total(mlsm_v, mlm_v)
     good = math.isfinite(total) and math.isfinite(gn)
     if good:
         opt.step()
