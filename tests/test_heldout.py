@@ -62,6 +62,15 @@ def test_heldout_loss_is_recorded_and_matches_the_checkpoint(codes_h5, tmp_path)
     assert doc["heldout"]["heldout_loss"] == rows[-1]["heldout_loss"] == summary["heldout"]["heldout_loss"]
     assert doc["heldout"]["sequences"] == HELD and doc["heldout"]["which"] == "last"
 
+    # Run again with the same settings: it has nothing to do, and run.json keeps what the run recorded
+    # (bench/compare.py reads `heldout` after a resumed sweep; layer_choice reads the baseline).
+    again = run_pretrain(_cfg(codes_h5, run, objective="mlm", steps=20, eval_sequences=HELD, eval_every=5,
+                              model_overrides=NO_DROPOUT, save_every=20))
+    assert again["start_step"] == 20
+    redone = json.loads((run / "run.json").read_text())
+    assert redone["heldout"] == doc["heldout"]
+    assert redone["context_free_baseline"] == doc["context_free_baseline"]
+
     # Recompute by hand from the saved weights: mean cross-entropy over every held-out masked token.
     student = hf.load_student(run / "step-0000020", None, True).eval()
     with TokenData(codes_h5) as data:

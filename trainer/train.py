@@ -251,6 +251,7 @@ def _prepare_run_dir(cfg: PretrainConfig, ckpts: Checkpoints, data: TokenData, d
     ckpts.remove_stale()
     latest = ckpts.latest_good()
     run_json = cfg.out_dir / RUN_JSON
+    kept = {}
     if run_json.is_file():
         old = json.loads(run_json.read_text())
         if latest:
@@ -260,9 +261,12 @@ def _prepare_run_dir(cfg: PretrainConfig, ckpts: Checkpoints, data: TokenData, d
                     "at the original file, or start a new run directory."
                 )
             _check_resume_config(old["config"], cfg.to_json(), latest[0], device.type)
+            # what earlier invocations recorded (context_free_baseline, heldout) stays until this one
+            # recomputes it: a run resumed at its last step computes nothing and must not lose them
+            kept = old
         else:
             log.info("%s has no usable checkpoint yet; starting afresh", cfg.out_dir)
-    write_json_atomic(run_json, {"config": cfg.to_json(), "data_fingerprint": data_fp, "tokenizer_fingerprint": tok_fp,
+    write_json_atomic(run_json, {**kept, "config": cfg.to_json(), "data_fingerprint": data_fp, "tokenizer_fingerprint": tok_fp,
                                  "data": data_provenance(data), "mlsm_version": __version__})
     return latest
 
