@@ -258,8 +258,15 @@ def plot(rows: list[dict], tasks: list[str], path: Path, size: str) -> None:
         ax.set_xlabel("pre-training steps")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
+    _save_figure(fig, axes, f"Fine-tuning score vs pre-training steps ({size} size; bars: std over seeds)", path)
+
+
+def _save_figure(fig, axes, title: str, path: Path) -> None:
+    """The plots' one ending: legend on the first row's last panel, title, PNG."""
+    import matplotlib.pyplot as plt
+
     axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Fine-tuning score vs pre-training steps ({size} size; bars: std over seeds)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -379,11 +386,7 @@ def plot_cost(curves: dict, path: Path, size: str) -> None:
         ax.set_xlabel(f"cumulative cost, preprocessing in full ({unit})")
         ax.set_ylabel("dev accuracy, mean over tasks (%)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Fine-tuned dev score vs whole cost ({size} size; bands: pre-training seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, axes, f"Fine-tuned dev score vs whole cost ({size} size; bands: pre-training seeds)", path)
 
 
 # --------------------------------------------------------------------------- driver
