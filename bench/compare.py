@@ -5,6 +5,8 @@
     python bench/compare.py --size smoke    # minutes: proves the pipeline end to end, numbers mean nothing
 
 Steps (each skips what an earlier invocation finished, so an interrupted compare resumes):
+0. the layer recipe (`mlsm extract --layers auto --layer-choice-only`) picks the main layer on the
+   corpus slice (smoke and cpu sizes); its seconds are MLSM preprocessing in the whole-cost headline;
 1. extract the auxiliary model's hidden states of the pre-training corpus, all layers in one pass;
 2. `mlsm layer-report` on them (the cheap per-layer measures);
 3. sparse-code each layer;
@@ -13,7 +15,9 @@ Steps (each skips what an earlier invocation finished, so an interrupted compare
    pretrain_seeds > 1 (cpu size: 2), MLM and each layer's MLSM again with other pre-training seeds;
 5. fine-tune each checkpoint at 25/50/100% (variants and the random-init baseline: 100% only) on
    each task, several seeds;
-6. write <out>/compare[-size].md, .json and .png.
+6. probe the final checkpoints (and the random init) with a linear probe on the frozen last layer
+   (--probe-tasks, default pos and supersense);
+7. write <out>/compare[-size].md, .json and .png (and -cost.png).
 The pre-training corpus defaults to the SOTU speeches only, so no evaluation text (BBC, WordNet
 glosses, Brown) is in it.
 """
@@ -40,16 +44,18 @@ FRACTIONS = (0.25, 0.5, 1.0)
 LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3)  # every size sweeps the pre-training rate of each objective on it (--lr-grid)
 SIZES = {
     # Numbers mean nothing at this size: it only proves every stage runs and the outputs are written.
-    "smoke": dict(tokens=20_000, layers=[3, 6], main_layer=6, K=200, dict_samples=15_000, dict_heldout=2_000,
+    "smoke": dict(tokens=20_000, layers=[6], main_layer="auto", K=200, dict_samples=15_000, dict_heldout=2_000,
                   model="tiny", steps=40, batch=16, lr=2e-3, ft_seeds=1, ft_epochs=1, ft_lr=1e-4, ft_batch=32,
                   max_train=200, max_eval=200, report_samples=4_000, report_heldout=1_000, report_K=100, device="cpu",
-                  pretrain_seeds=1, eval_sequences=32),
-    # About 70 min on 2 CPU cores (pre-training ~30 min, fine-tuning ~40 min). Fine-tuning lr 1e-3 and 2000
-    # training examples: at 1e-4 and 500 the tiny students stayed at the majority class (docs/evaluation.md).
-    "cpu": dict(tokens=200_000, layers=[3, 6], main_layer=6, K=1000, dict_samples=100_000, dict_heldout=10_000,
+                  pretrain_seeds=1, eval_sequences=32,
+                  choice=dict(candidates="3,6", sample_tokens=10_000, proxy_steps=20, proxy_k=100)),
+    # Fine-tuning lr 1e-3 and 2000 training examples: at 1e-4 and 500 the tiny students stayed at the
+    # majority class (docs/evaluation.md). The main layer is the recipe's (`--layers auto`, the make
+    # pretrain default: every MiniLM block a candidate, 50k-token sample); the last layer is the other.
+    "cpu": dict(tokens=200_000, layers=[6], main_layer="auto", K=1000, dict_samples=100_000, dict_heldout=10_000,
                 model="tiny", steps=500, batch=32, lr=2e-3, ft_seeds=3, ft_epochs=3, ft_lr=1e-3, ft_batch=32,
                 max_train=2000, max_eval=500, report_samples=20_000, report_heldout=5_000, report_K=500, device="cpu",
-                pretrain_seeds=2, eval_sequences=128),
+                pretrain_seeds=2, eval_sequences=128, choice=dict(sample_tokens=50_000)),
     # One GPU: BERT-mini, 4000 steps of 128 sequences over the whole SOTU corpus, the paper's K.
     "gpu": dict(tokens=None, layers=[2, 4, 6], main_layer=6, K=3000, dict_samples=1_000_000, dict_heldout=20_000,
                 model="mini", steps=4000, batch=128, lr=1e-3, ft_seeds=3, ft_epochs=3, ft_lr=1e-4, ft_batch=32, max_train=None,
@@ -67,6 +73,20 @@ def mlsm_cmd(*args: str) -> None:
     if r.returncode != 0:
         raise MLSMError(f"`mlsm {' '.join(map(str, args))}` failed (exit {r.returncode}); see its output above.")
     log.info("  done in %.0fs", time.time() - t0)
+
+
+def recipe_layer(corpus: str, folder: Path, p: dict) -> dict:
+    """The layer recipe (`mlsm extract --layers auto --layer-choice-only`) on the compare's corpus slice;
+    returns its choice.json. Its wall seconds are MLSM preprocessing (trainer/cost.py)."""
+    c = p["choice"]
+    opts = ["--layer-sample-tokens", c["sample_tokens"]]
+    for key in ("candidates", "proxy_steps", "proxy_k"):
+        if key in c:
+            opts += [f"--layer-{key.replace('_', '-')}", c[key]]
+    mlsm_cmd("extract", "--corpus", corpus, "--out", folder, "--layers", "auto", "--layer-choice-only",
+             "--layer-choice-dir", folder, "--max-tokens", "all" if p["tokens"] is None else p["tokens"],
+             "--device", p["device"], "--no-progress", *opts)
+    return json.loads((folder / "choice.json").read_text())
 
 
 def milestone_dirs(run: Path, steps: int, fractions) -> dict[float, Path]:
@@ -115,6 +135,19 @@ def finetune_cached(model_dir: Path, task: Path, out: Path, p: dict) -> dict:
     return run_finetune(cfg)
 
 
+def probe_cached(model_dir: Path, tasks: list[Path], out: Path, p: dict) -> dict:
+    """Linear probes on the frozen last layer (trainer/probe.py): deterministic, so one per checkpoint."""
+    from mlsm.trainer.probe import PROBE_JSON, probe_checkpoint
+
+    want = dict(max_train=p["max_train"], max_eval=p["max_eval"], layers="last")
+    path = out / PROBE_JSON
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if all(cached["config"].get(k) == v for k, v in want.items()) and set(cached["tasks"]) == {t.name for t in tasks}:
+            return cached
+    return probe_checkpoint(model_dir, tasks, want.pop("layers"), out_dir=out, device=p["device"], progress=False, **want)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -134,7 +167,8 @@ def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, o
              f"Student `{p['model']}`, {p['steps']} steps x {p['batch']} sequences, each objective at its best lr of "
              f"{', '.join(map(str, p.get('lr_grid', [p['lr']])))} (sweep below), corpus "
              f"`{p['corpus']}` ({'all' if p['tokens'] is None else p['tokens']} tokens); targets from "
-             f"MiniLM layer {p['main_layer']} with K={p['K']}. Fine-tuning: {p['ft_seeds']} seeds, {p['ft_epochs']} "
+             f"MiniLM layer {p['main_layer']}{' (the layer recipe chose it: section below)' if extra and extra.get('layer_choice') else ''} "
+             f"and layer {max(p['layers'])} with K={p['K']}. Fine-tuning: {p['ft_seeds']} seeds, {p['ft_epochs']} "
              f"epochs, lr {p['ft_lr']}, batch {p['ft_batch']}, at most {p['max_train']} training and "
              f"{p['max_eval']} test examples per task. Cells: test accuracy / macro-F1 in %, mean ± std over seeds.",
              "", "| run | objective | step | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
@@ -153,9 +187,11 @@ def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, o
         lines.append(f"| {run} | {obj} | {step} | " + " | ".join(vals) + " |")
     extra = extra or {}
     lines += seed_spread(rows, tasks)
+    lines += probe_section(extra.get("probes", []))
     lines += sweep_section(extra.get("sweep", []), extra.get("best_lr", {}))
     lines += cost_section(extra)
     lines += plateau_section(plateau or {})
+    lines += choice_section(extra.get("layer_choice"))
     if layer_rep is not None:
         lines += ["", "## Layer report (auxiliary model)", "", layer_md(layer_rep)]
     lines += ["", "## Stage timings of the last invocation (s)", "",
@@ -199,6 +235,18 @@ def final_losses(run_dir: Path, last: int = 3) -> dict:
     return out
 
 
+def choice_section(choice: dict | None) -> list[str]:
+    if not choice:
+        return []
+    lines = ["", "## The layer recipe's choice (`mlsm extract --layers auto`)", "",
+             f"Rule: {choice['rule']}. Sample: {choice['sample_tokens']} tokens; {choice['wall_s']:.0f} s in all.", "",
+             "| layer | proxy loss / baseline | held-out sparse-coding objective |", "|---|---|---|"]
+    for layer, v in sorted(choice["proxy"].items(), key=lambda kv: int(kv[0])):
+        mark = " (chosen)" if int(layer) == choice["chosen"] else ""
+        lines.append(f"| {layer}{mark} | {v['ratio']:.3f} | {choice['heldout_objective'].get(layer, float('nan')):.4f} |")
+    return lines
+
+
 def plateau_section(plateau: dict) -> list[str]:
     if not plateau:
         return []
@@ -237,6 +285,33 @@ def seed_spread(rows: list[dict], tasks: list[str]) -> list[str]:
             std = statistics.stdev(means) if len(means) > 1 else 0.0
             vals.append(f"{100 * statistics.fmean(means):.1f} ± {100 * std:.1f} ({100 * per[0][2]:.1f})")
         lines.append(f"| {base} | {len({r.get('pretrain_seed', 0) for r in g})} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def probe_section(probes: list[dict]) -> list[str]:
+    """Final checkpoints' last-layer probe accuracy, mean ± std over pre-training seeds per run."""
+    if not probes:
+        return []
+    tasks = sorted({t for r in probes for t in r["test"]})
+    lines = ["", "## Linear probes on the frozen last layer (final checkpoints)", "",
+             "A logistic regression per task on frozen features (trainer/probe.py; L2 chosen on dev): no fine-tuning "
+             "variance, so the spread is over pre-training seeds only (std 0.0 with one seed). Cells: test accuracy / "
+             "macro-F1 in %.", "", "| run | pre-training seeds | " + " | ".join(tasks) + " |",
+             "|---|---|" + "---|" * len(tasks)]
+    groups: dict[str, list[dict]] = {}
+    for r in probes:
+        groups.setdefault(r["base_run"], []).append(r)
+
+    def cell(g: list[dict], t: str, key: str) -> str:
+        vals = [100 * r["test"][t][key] for r in g]
+        return f"{statistics.fmean(vals):.1f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.1f}"
+
+    for base, g in sorted(groups.items()):
+        lines.append(f"| {base} | {len(g)} | " + " | ".join(
+            f"{cell(g, t, 'accuracy')} / {cell(g, t, 'macro_f1')}" for t in tasks) + " |")
+    major = probes[0]["majority"]
+    lines.append("| majority class | – | " + " | ".join(f"{100 * major[t]['accuracy']:.1f} / {100 * major[t]['macro_f1']:.1f}"
+                                                    for t in tasks) + " |")
     return lines
 
 
@@ -280,35 +355,36 @@ def dev_score(res: dict) -> float:
 
 
 def whole_costs(rows: list[dict], runs: dict, run_dirs: dict, codes: dict, extract_dir: Path, p: dict,
-                base_run: dict, pretrain_seed: dict) -> dict:
+                base_run: dict, pretrain_seed: dict, choice_dir: Path | None = None) -> dict:
     """Cost curves (dev accuracy averaged over tasks vs cumulative cost) of every run, and the
-    headline ratio of each MLSM run against MLM, preprocessing paid in full and halved."""
-    from mlsm.core.bert import BertConfig
-    from mlsm.pipeline.codes import TokenData
+    headline ratio of each MLSM run against MLM, preprocessing paid in full and halved. With the
+    recipe's layer (choice_dir), the runs on that layer also pay for the choice."""
     from mlsm.trainer.cost import (
         cost_curve,
+        layer_choice_cost,
         preprocessing_cost,
         reach_ratio,
-        student_flops_per_step,
+        run_flops_per_step,
         training_cost_by_step,
     )
 
     pre = {layer: preprocessing_cost(extract_dir, codes[layer], layer) for layer in {runs[n][2] for n in runs}}
+    if choice_dir is not None:
+        chosen = layer_choice_cost(choice_dir)
+        if chosen["chosen"] in pre:
+            c = pre[chosen["chosen"]]
+            c.update(layer_choice_s=chosen["seconds"], layer_choice_flops=chosen["flops"],
+                     seconds=c["seconds"] + chosen["seconds"], flops=c["flops"] + chosen["flops"])
     scores: dict[str, dict[int, list[float]]] = {}
     for r in rows:
         if r["run"] in runs:
             scores.setdefault(r["run"], {}).setdefault(r["step"], []).append(dev_score(r["result"]))
     curves: dict[str, dict] = {}
-    for name, (objective, w, layer, _) in runs.items():
+    for name, (objective, _, layer, _) in runs.items():
         if name not in scores:
             continue
         d = run_dirs[name]
-        cfg = BertConfig.from_hf(json.loads((d / f"step-{p['steps']:07d}" / "config.json").read_text()))
-        with TokenData(codes[layer] / "codes.h5") as data:
-            mean_len = data.num_tokens / data.num_sequences
-            K = data.K
-        heads = (cfg.vocab_size,) if objective == "mlm" else ((K, cfg.vocab_size) if w > 0 else (K,))
-        fps = student_flops_per_step(cfg, p["batch"] * mean_len, mean_len, 0.15 * p["batch"] * max(mean_len - 2, 1), heads)
+        fps = run_flops_per_step(d / f"step-{p['steps']:07d}", codes[layer] / "codes.h5")
         by_step = training_cost_by_step(d, fps)
         pts = [(step, statistics.fmean(v)) for step, v in scores[name].items()]
         shared = None if objective == "mlm" else pre[layer]
@@ -348,7 +424,8 @@ def cost_section(extra: dict) -> list[str]:
     lines = ["", "## Whole cost: MLSM's cost to reach MLM's best dev score, over MLM's", "",
              "Per pre-training seed: the best dev accuracy (mean over tasks and fine-tuning seeds) any MLM checkpoint "
              "reaches, the cost of the cheapest MLM checkpoint reaching it, and of the cheapest MLSM checkpoint "
-             "reaching it, preprocessing included (aux extract, dictionary, coding; trainer/cost.py). Mean ± std over "
+             "reaching it, preprocessing included (the layer choice on the recipe's layer, aux extract, dictionary, coding; "
+             "trainer/cost.py). Mean ± std over "
              "pre-training seeds of the ratio, where reached. Goal: <= 0.5. FLOPs: the aux forward and the student "
              "(the coding is not a matmul count, it is on the seconds axis only); seconds: measured on this machine.", "",
              "| run | seconds, preprocessing in full | seconds, amortised over 2 students | FLOPs, in full | "
@@ -356,11 +433,13 @@ def cost_section(extra: dict) -> list[str]:
     for base, h in extra["headline"].items():
         lines.append(f"| {base} | {fmt(h['full_seconds'])} | {fmt(h['amortised_seconds'])} | {fmt(h['full_flops'])} | "
                      f"{fmt(h['amortised_flops'])} |")
-    lines += ["", "Preprocessing per coded layer:", "", "| layer | aux GFLOPs | extract s | dictionary s | coding s | "
-              "merge s | total s |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Preprocessing per coded layer (the extract is one pass for all layers and counts in full for each; "
+              "the recipe's layer also pays for the layer choice, its FLOPs being the sample's aux forward and the "
+              "proxy students):", "", "| layer | GFLOPs | layer choice s | extract s | dictionary s | coding s | "
+              "merge s | total s |", "|---|---|---|---|---|---|---|---|"]
     for layer, c in extra["preprocessing"].items():
-        lines.append(f"| {layer} | {c['flops'] / 1e9:.1f} | {c['extract_s']:.0f} | {c['dictionary_s']:.0f} | "
-                     f"{c['coding_s']:.0f} | {c['finalize_s']:.0f} | {c['seconds']:.0f} |")
+        lines.append(f"| {layer} | {c['flops'] / 1e9:.1f} | {c.get('layer_choice_s', 0.0):.0f} | {c['extract_s']:.0f} | "
+                     f"{c['dictionary_s']:.0f} | {c['coding_s']:.0f} | {c['finalize_s']:.0f} | {c['seconds']:.0f} |")
     return lines
 
 
@@ -408,6 +487,9 @@ def main(argv=None) -> int:
                     help="Only these runs, comma-separated (mlm, mlsm-L6, mlsm+mlm-L6, mlsm-L3, mlm-s1, ...).")
     ap.add_argument("--lr-grid", default=None,
                     help=f"Pre-training rates swept per objective, comma-separated (default {','.join(map(str, LR_GRID))}).")
+    ap.add_argument("--probe-tasks", default="pos,supersense",
+                    help="Tasks of --tasks that the final checkpoints are also probed on (linear probe, frozen last layer; "
+                         "empty: none).")
     ap.add_argument("--final-only", action="store_true", help="Fine-tune only each run's final checkpoint.")
     ap.add_argument("--tag", default=None,
                     help="Suffix of the run/finetune folders and the report (default with --steps N: -N-steps).")
@@ -446,6 +528,13 @@ def run(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     progress = ["--no-progress"]
+    choice = None
+    if p["main_layer"] == "auto":
+        t0 = time.time()
+        choice = recipe_layer(args.corpus, work / "layer-choice", p)
+        p["main_layer"] = choice["chosen"]
+        timings["layer-choice"] = time.time() - t0
+        log.info("the recipe chose layer %d", p["main_layer"])
     layers = sorted(set(p["layers"]) | {p["main_layer"]})
 
     t0 = time.time()
@@ -552,9 +641,25 @@ def run(args) -> None:
                          "task": task.name, "result": res, "pretrain_seed": pretrain_seed.get(name, 0)})
     timings["finetune"] = time.time() - t0
 
-    costs = whole_costs(rows, runs, run_dirs, codes, ex, p, base_run, pretrain_seed)
+    t0 = time.time()
+    probe_tasks = [t for t in tasks if t.name in args.probe_tasks.split(",")]
+    probes = []
+    for name, label, step, d in checkpoints if probe_tasks else []:
+        if step != p["steps"] and name != "random-init":
+            continue
+        log.info("probe %s step %d", name, step)
+        res = probe_cached(d, probe_tasks, work / f"probe{tag}" / d.parent.name / d.name, p)
+        last = {t: next(iter(v["layers"].values())) for t, v in res["tasks"].items()}  # layers="last": one each
+        probes.append({"run": name, "base_run": base_run.get(name, name), "objective": label, "step": step,
+                       "pretrain_seed": pretrain_seed.get(name, 0), "layer": res["layers"][0],
+                       "test": {t: v.get("test", v["dev"]) for t, v in last.items()}, "dev": {t: v["dev"] for t, v in last.items()},
+                       "majority": {t: v["majority"].get("test", v["majority"]["dev"]) for t, v in res["tasks"].items()}})
+    timings["probe"] = time.time() - t0
+
+    costs = whole_costs(rows, runs, run_dirs, codes, ex, p, base_run, pretrain_seed,
+                        choice_dir=None if choice is None else work / "layer-choice")
     stem = write_report(rows, layer_rep, p, args.size, args.out, timings, plateau, tag,
-                        extra={"sweep": sweep, "best_lr": best_lr, **costs})
+                        extra={"sweep": sweep, "best_lr": best_lr, "probes": probes, "layer_choice": choice, **costs})
     log.info("wrote %s.md, .json and .png", stem)
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 from mlsm.core import hf
@@ -94,6 +95,7 @@ def choose_layer(cfg: ExtractConfig) -> dict:
         shutil.rmtree(folder)
     elif cfg.force and folder.exists():
         shutil.rmtree(folder)
+    t0 = time.time()
     if cfg.tokens is not None:
         _check_same_corpus(cfg)
     sample_tokens = cfg.layer_sample_tokens
@@ -121,6 +123,7 @@ def choose_layer(cfg: ExtractConfig) -> dict:
         "heldout_objective": {str(r["layer"]): r["heldout_objective"] for r in report["layers"]},
         "report": str(folder / "layer_report.json"), "sample_tokens": man["tokens"],
         "sample_wall_s": man.get("wall_s"),
+        "wall_s": round(time.time() - t0, 2),  # what the choice cost: trainer/cost.py charges it to the chosen layer
     }
     write_json_atomic(path, choice)
     log.info("layer choice: layer %d (proxy loss / baseline %s; tied: %s) -> %s", chosen,

@@ -13,11 +13,16 @@ stages' manifests, in full, plus the trainer's elapsed seconds at each logged st
 held-out evaluations. MLM pays no preprocessing beyond tokenizing, which both objectives share
 (and which MLSM's extract seconds already include).
 
+`--layers auto` pays for its choice before the full extract (`layer_choice_cost`): the sample's aux
+forward to the deepest candidate and the proxy students' training on the FLOPs axis, the choice's
+measured wall seconds on the other. The run whose layer the recipe chose carries it.
+
 `amortised_over` n students trained on the same codes pays 1/n of the preprocessing each.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -35,6 +40,42 @@ def student_flops_per_step(config: BertConfig, tokens: float, seq_len: float, ma
     per_token_layer = 2 * (4 * H * H + 2 * H * I) + 4 * seq_len * H  # matmuls + attention scores and mixing
     head = sum(2 * (H * H + H * w) * masked for w in head_widths)
     return 3 * (tokens * L * per_token_layer + head)
+
+
+def run_flops_per_step(checkpoint_dir: Path, codes_h5: Path) -> float:
+    """`student_flops_per_step` of a pre-training run, from its checkpoint's config.json, its
+    run.json (objective, w, batch, mask share) and the mean sequence length of the codes it read."""
+    from mlsm.pipeline.codes import TokenData
+
+    checkpoint_dir = Path(checkpoint_dir)
+    cfg = BertConfig.from_hf(json.loads((checkpoint_dir / "config.json").read_text()))
+    run = json.loads((checkpoint_dir.parent / "run.json").read_text())["config"]
+    with TokenData(codes_h5) as data:
+        mean_len = data.num_tokens / data.num_sequences
+        K = data.K
+    mlsm_heads = () if run["objective"] == "mlm" else (K,)
+    heads = mlsm_heads + ((cfg.vocab_size,) if run["objective"] == "mlm" or run["mlm_weight"] > 0 else ())
+    batch = run["batch_size"]
+    masked = run["mask_prob"] * batch * max(mean_len - 2, 1)  # [CLS] and [SEP] are never masked
+    return student_flops_per_step(cfg, batch * mean_len, mean_len, masked, heads)
+
+
+def layer_choice_cost(choice_dir: Path) -> dict:
+    """What `--layers auto` paid for its choice (pipeline/layer_choice.py's folder): the sample's
+    aux forward to the deepest candidate plus each proxy student's training, and the choice's wall seconds."""
+    from mlsm.core.errors import MLSMError
+
+    choice_dir = Path(choice_dir)
+    choice = json.loads((choice_dir / "choice.json").read_text())
+    if choice.get("wall_s") is None:
+        raise MLSMError(f"{choice_dir / 'choice.json'} predates the recorded wall time; rerun the choice with --force.")
+    ex = read_manifest(choice_dir / "extract", stage="extract", fix="mlsm extract --layers auto --force")
+    seq_len = int(ex["params"].get("max_len", 128))
+    flops = aux_flops_per_token(ex["aux_config"], max(choice["params"]["candidates"]), seq_len) * int(ex["tokens"])
+    for layer, proxy in choice["proxy"].items():
+        ck = choice_dir / f"run-L{layer}" / f"step-{int(proxy['steps']):07d}"
+        flops += run_flops_per_step(ck, choice_dir / f"codes-L{layer}" / "codes.h5") * int(proxy["steps"])
+    return {"flops": flops, "seconds": float(choice["wall_s"]), "chosen": choice["chosen"]}
 
 
 def preprocessing_cost(extract_dir: Path, codes_dir: Path, layer: int) -> dict:
