@@ -130,3 +130,27 @@ def test_the_other_bench_scripts_parse():
     assert subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--help"], capture_output=True).returncode == 0
     for sh in ("compare-gpu.sh", "train_gpu.sh"):
         assert subprocess.run(["bash", "-n", str(ROOT / "bench" / sh)]).returncode == 0, sh
+
+
+def _compare_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "bench" / "compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compare_probe_section_groups_pretraining_seeds():
+    section = _compare_module().probe_section
+    acc = lambda a, f: {"accuracy": a, "macro_f1": f}  # noqa: E731
+    probes = [{"run": "mlm", "base_run": "mlm", "test": {"pos": acc(0.80, 0.70)}, "majority": {"pos": acc(0.2, 0.05)}},
+              {"run": "mlm-s1", "base_run": "mlm", "test": {"pos": acc(0.84, 0.74)}, "majority": {"pos": acc(0.2, 0.05)}},
+              {"run": "random-init", "base_run": "random-init", "test": {"pos": acc(0.6, 0.5)},
+               "majority": {"pos": acc(0.2, 0.05)}}]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in section(probes) if line.startswith("| ")}
+    # mean and sample std over the two pre-training seeds: 82.0 +- 2.83, 72.0 +- 2.83
+    assert rows["mlm"] == "| mlm | 2 | 82.0 ± 2.8 / 72.0 ± 2.8 |"
+    assert rows["random-init"] == "| random-init | 1 | 60.0 ± 0.0 / 50.0 ± 0.0 |"
+    assert rows["majority class"] == "| majority class | – | 20.0 / 5.0 |"
+    assert section([]) == []

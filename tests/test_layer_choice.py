@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from mlsm.core.errors import MLSMError
+from mlsm.core.bert import BertConfig
+from mlsm.pipeline.codes import TokenData
 from mlsm.pipeline.layer_choice import pick_layer, proxy_ratio
+from mlsm.trainer.cost import layer_choice_cost, student_flops_per_step
 from tests.test_pipeline_e2e import SENTENCES, run
 
 
@@ -97,6 +100,30 @@ def test_choice_only_prints_the_layer(corpus, capsys):
     choice = json.loads((out / "layer-choice" / "choice.json").read_text())
     assert int(printed) == choice["chosen"]
     assert not (out / "manifest.json").exists()  # no full extract
+
+
+def test_the_choice_has_a_cost(corpus):
+    """What compare charges the recipe's runs: the choice's wall seconds, and the sample's aux
+    forward through the deepest candidate plus each proxy student's steps, recomputed here."""
+    out = corpus / "extract-choice-only"
+    if not (out / "layer-choice" / "choice.json").is_file():
+        assert _auto(corpus, out, "--layer-choice-only") == 0
+    folder = out / "layer-choice"
+    choice = json.loads((folder / "choice.json").read_text())
+    sample = json.loads((folder / "extract" / "manifest.json").read_text())
+    H, I = sample["aux_config"]["hidden_size"], sample["aux_config"]["intermediate_size"]
+    T = sample["params"]["max_len"]
+    flops = sample["tokens"] * 6 * 2 * (4 * H * H + 2 * H * I + 2 * T * H)  # deepest candidate: 6
+    for k in (1, 3, 6):
+        cfg = BertConfig.from_hf(json.loads((folder / f"run-L{k}" / "step-0000020" / "config.json").read_text()))
+        batch = json.loads((folder / f"run-L{k}" / "run.json").read_text())["config"]["batch_size"]
+        with TokenData(folder / f"codes-L{k}" / "codes.h5") as data:
+            mean = data.num_tokens / data.num_sequences
+        flops += 20 * student_flops_per_step(cfg, batch * mean, mean, 0.15 * batch * (mean - 2), (16,))
+    cost = layer_choice_cost(folder)
+    assert cost["chosen"] == choice["chosen"]
+    assert cost["seconds"] == choice["wall_s"] and 0 < choice["wall_s"] < 3600
+    assert cost["flops"] == pytest.approx(flops, rel=1e-9)
 
 
 def test_other_settings_redo_the_choice(corpus):
