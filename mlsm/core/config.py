@@ -372,11 +372,17 @@ class PretrainConfig:
     grad_accum: int = opt(1, "Micro-batches per step; batch-size must divide by grad-accum x processes.")
     lr: float = opt(1e-4, "Peak learning rate (AdamW).")
     warmup: float = opt(0.01, "Fraction of steps of linear warm-up (then linear decay to 0).")
-    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorm weights).")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorm weights, unless --decay-1d).")
+    decay_1d: bool = opt(False, "Decay every parameter, biases and LayerNorm weights included (the reference's "
+                                "AdamW). Default: matrices only.")
     clip: float = opt(1.0, "Gradient-norm clipping (0: none).", cli=False)
     mask_prob: float = opt(0.15, "Share of non-special tokens selected for masking.")
     mask_policy: str = opt("mask", "mask: every selected token becomes [MASK] (the reference); bert: 80/10/10.",
                            type=click.Choice(MASK_POLICIES))
+    count_zero_codes: bool = opt(False, "Masked tokens whose code is all zero count in the MLSM loss's denominator "
+                                        "with zero loss: the loss is the mean over every masked token, as the "
+                                        "reference averages. Default: they are left out of the loss and of its "
+                                        "denominator.")
     max_len: int = opt(128, "Longest sequence the student takes (the data's sequences must fit).")
     shuffle_window: int = opt(4096, "Sequences the loader reads and shuffles together (rounded up to whole batches): its memory, about 0.5 KB per token of them with K=3000 codes, whatever the corpus size.")
     seed: int = opt(0, "Seed of the initialisation, the data order and the masks.")
