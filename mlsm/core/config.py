@@ -270,6 +270,9 @@ class ExtractConfig:
         check(problems, "extract")
 
 
+SOLVERS = ("exact", "fista")
+
+
 @dataclass
 class SparseCodeConfig:
     extract_dir: Path = opt(Path("data/extract"), "Output folder of `mlsm extract`.")
@@ -292,10 +295,20 @@ class SparseCodeConfig:
     dict_per_sequence: float = opt(2.0, "Tokens the dictionary sample takes from a full-length sequence, on "
                                         "average (uniform over the stream either way): fewer keep its contexts "
                                         "varied, more cut the forward the fused path runs for it.", record=True)
+    dict_specials: bool = opt(False, "Let the dictionary sample (training and held-out) draw the [CLS] and [SEP] "
+                                     "of each sequence too. Default: leave them out, as the reference does. Every "
+                                     "token is coded either way; only the sample the dictionary learns from "
+                                     "changes.", flags=("--dict-specials/--no-dict-specials",), record=True)
     batch_size: int = opt(8192, "Tokens per solver call; nn_lasso splits them into 1024-row chunks over the threads.")
     top_k: int | None = opt(None, "Keep only the N largest atoms per token (default: all); the target a/sum(a) is "
                                   "renormalised over them. `make bench-extract` reports the KL this costs for N in "
                                   "8..64.", type=int, record=True)
+    solver: str = opt("exact", "How every token is coded: exact, the active-set non-negative lasso solved to a "
+                               "certified duality gap (--tol); fista, a fixed --fista-steps FISTA steps from zero "
+                               "(the reference's coder; no convergence claim, the part files record each code's "
+                               "gap). The dictionary is learnt with its own solver either way.",
+                      type=click.Choice(SOLVERS), record=True)
+    fista_steps: int = opt(100, "With --solver fista: FISTA steps per token.", record=True)
     values: str = opt("float32", "Storage type of the code values (float16 halves their bytes).",
                       flags=("--values-dtype", "--values"), type=click.Choice(["float32", "float16"]), record=True)
     delete_hidden: bool = opt(False, "Delete each hidden-state shard of --extract-dir once its codes are written and "
@@ -330,6 +343,10 @@ class SparseCodeConfig:
             problems.append("--shard-tokens and --batch-tokens must be positive")
         if not self.dict_per_sequence > 0:
             problems.append("--dict-per-sequence must be positive")
+        if self.solver not in SOLVERS:
+            problems.append(f"--solver must be one of {', '.join(SOLVERS)}")
+        if self.fista_steps < 1:
+            problems.append("--fista-steps must be at least 1")
         if self.from_tokens is not None and self.delete_hidden:
             problems.append("--delete-hidden has nothing to delete with --from-tokens (no hidden states are written)")
         check(problems, "sparse-code")
