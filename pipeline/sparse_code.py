@@ -152,10 +152,25 @@ def dictionary_vectors(source, cfg: SparseCodeConfig) -> tuple[np.ndarray, np.nd
     n_held = min(cfg.heldout, int(lengths.sum()) // 10)
     held_rows, train_rows = dictionary_sample(lengths, cfg.dict_samples, n_held, cfg.seed, cfg.dict_per_sequence,
                                               specials=cfg.dict_specials)
+    if not cfg.dict_specials:
+        held_rows, train_rows = _drop_specials(source, held_rows, train_rows)
     held = source.sample_states(held_rows)
     train = source.sample_states(train_rows)
     train = train[np.random.default_rng(cfg.seed).permutation(len(train))]
     return l2_normalize_states(train, "cpu").numpy(), l2_normalize_states(held, "cpu").numpy()
+
+
+def _drop_specials(source, *row_sets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The rows whose token is not a [CLS] or [SEP]: the sample has left out each sequence's own two
+    already, this drops one spelled out in the text (a tokenizer reads "[SEP]" as the token)."""
+    rows = np.concatenate(row_sets)
+    if not len(rows):
+        return row_sets
+    ids = source.sample_tokens(np.sort(rows))
+    drop = np.sort(rows)[np.isin(ids, [source.special["cls"], source.special["sep"]])]
+    if len(drop):
+        log.info("sparse-code: %d [CLS]/[SEP] inside sequences left out of the dictionary sample", len(drop))
+    return tuple(r[~np.isin(r, drop)] for r in row_sets)
 
 
 def sample_vectors(extract_dir: Path, shards: list[dict], layer: int, n: int, seed: int,
@@ -208,6 +223,17 @@ class StagedSource:
         if not len(rows):
             return np.zeros((0, self.hidden_size or 0), np.float16)
         return read_sample(self.extract_dir, self.man["shards"], rows, self.cfg.layer, self.cfg.progress)
+
+    def sample_tokens(self, rows: np.ndarray) -> np.ndarray:
+        """Token ids at these sorted global token rows."""
+        return read_sample(self.extract_dir, self.man["shards"], rows, None)
+
+    @functools.cached_property
+    def special(self) -> dict:
+        """The special tokens' ids, from the extract's tokenizer."""
+        from mlsm.core import hf
+
+        return hf.special_token_ids(hf.load_tokenizer(self.tokenizer_dir))
 
     def blocks(self, shard: dict) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         path = self.shard_path(shard)

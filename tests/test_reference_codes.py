@@ -54,6 +54,9 @@ class _Recording:
         self.rows.append(rows)
         return self.source.sample_states(rows)
 
+    def __getattr__(self, name):  # sample_tokens, special
+        return getattr(self.source, name)
+
 
 def _sampled_token_ids(kit, source_cls, **cfg) -> np.ndarray:
     root = kit["root"]
@@ -92,6 +95,41 @@ def test_dictionary_sample_positions_without_specials_are_the_inner_rows():
     rows2 = np.concatenate([held2, trn2])
     seq2 = np.searchsorted(offs, rows2, side="right") - 1
     assert ((rows2 == offs[seq2]) | (rows2 == offs[seq2 + 1] - 1)).any()
+
+
+class _Spelled:
+    """Sequences of 10 tokens whose rows 4 and 5 are a [SEP] and a [CLS] spelled out in the text."""
+
+    special = {"cls": 101, "sep": 102}
+
+    def __init__(self, n_seq=300):
+        self.tokens = np.tile(np.array([101, 7, 8, 9, 102, 101, 10, 11, 12, 102]), n_seq)
+        self.lengths, self.rows = np.full(n_seq, 10), []
+
+    def seq_lengths(self):
+        return self.lengths
+
+    def sample_tokens(self, rows):
+        return self.tokens[rows]
+
+    def sample_states(self, rows):
+        self.rows.append(rows)
+        return np.random.default_rng(0).standard_normal((len(rows), 4)).astype(np.float16) + 1
+
+
+def test_a_cls_or_sep_spelled_out_inside_a_sequence_is_left_out_too():
+    for specials, expect_inner in ((False, False), (True, True)):
+        src = _Spelled()
+        cfg = SparseCodeConfig(dict_samples=1500, heldout=100, dict_specials=specials, dict_per_sequence=5.0)
+        train_vec, held_vec = sparse_code.dictionary_vectors(src, cfg)
+        rows = np.concatenate(src.rows)
+        assert len(rows) == len(train_vec) + len(held_vec) > 500
+        assert bool(np.isin(rows % 10, [4, 5]).any()) is expect_inner
+        assert bool(np.isin(rows % 10, [0, 9]).any()) is expect_inner
+    # without them the sample is the draw minus the spelled-out ones, nothing else is dropped
+    held, trn = sparse_code.dictionary_sample(src.lengths, 1500, 100, 0, 5.0, specials=False)
+    kept = sparse_code._drop_specials(src, held, trn)
+    assert sum(map(len, kept)) == int((~np.isin(np.concatenate([held, trn]) % 10, [4, 5])).sum())
 
 
 def test_dict_specials_is_recorded_and_another_setting_is_not_reused(kit):
