@@ -45,6 +45,13 @@ log = logging.getLogger(__name__)
 SOLVER_NAME = "nn_lasso: working set + certified duality gap"  # the engine that ran is in report.engine
 
 
+def solver_name(params: dict) -> str:
+    """What coded the tokens, from the run's recorded parameters (`--solver`; older runs record none: exact)."""
+    if params.get("solver", "exact") == "fista":
+        return f"fista_fixed: {params['fista_steps']} FISTA steps from zero, no convergence claim"
+    return SOLVER_NAME
+
+
 def finalize_codes(out_dir: str | Path, worker: Rank | None = None, merge: bool = False) -> dict | None:
     """Write codes.h5 and manifest.json once every part is there; returns the manifest.
 
@@ -103,11 +110,16 @@ def finalize_codes(out_dir: str | Path, worker: Rank | None = None, merge: bool 
                             f"{dict_fp[:12]}). Delete it (`rm {q}`) and run `{rebuild_command(out_dir, doc, force=False)}` again (its other options as before): "
                             f"it codes only the missing parts. Then `mlsm finalize {out_dir}`.")
     p = doc["params"]
+    fista = p.get("solver", "exact") == "fista"
     attrs = {
-        "lambda": p["lambda"], "K": p["K"], "layer": p["layer"], "solver": SOLVER_NAME, "tolerance": p["tol"],
+        "lambda": p["lambda"], "K": p["K"], "layer": p["layer"], "solver": solver_name(p),
         "top_k": p["top_k"] or 0, "values_dtype": p["values"], "dictionary_fingerprint": dict_fp,
         "tokenizer_fingerprint": doc["tokenizer_fingerprint"],
     }
+    if fista:  # no tolerance: the gap of each code is what it is (gap_mean, gap_p99, gap_max)
+        attrs["fista_steps"] = p["fista_steps"]
+    else:
+        attrs["tolerance"] = p["tol"]
     for key in ("extract_manifest", "tokens"):
         if key in doc["inputs"]:
             attrs["extract_fingerprint" if key == "extract_manifest" else "tokens_fingerprint"] = doc["inputs"][key]
@@ -137,11 +149,12 @@ def finalize_codes(out_dir: str | Path, worker: Rank | None = None, merge: bool 
         "finalize_s": round(finalize_s, 2),
         "merged": merge,
         "device": ",".join(devices),
-        "engine": ",".join(sorted({auto_engine(torch.device(d).type, D.shape[0]) for d in devices})),
+        "engine": "fista" if fista else ",".join(sorted({auto_engine(torch.device(d).type, D.shape[0])
+                                                         for d in devices})),
         "workers": len(records),
     }
     manifest = {k: v for k, v in doc.items() if k != "complete"}
-    manifest.update(complete=True, solver=SOLVER_NAME, dictionary=dict_stats, report=report, tokens=total)
+    manifest.update(complete=True, solver=solver_name(p), dictionary=dict_stats, report=report, tokens=total)
     write_json_atomic(man_path, manifest)
     (out_dir / PROGRESS).unlink(missing_ok=True)
     log.info("sparse-code: %s", json.dumps(report))

@@ -91,18 +91,28 @@ class FusedSource:
     def sample_states(self, rows: np.ndarray) -> np.ndarray:
         """States at these sorted global token rows: the forward runs on their sequences alone, a
         shard's worth of sequences at a time, and keeps only these rows."""
+        return self._gather(rows, lambda seqs: self.states(self.stream.take(seqs)),
+                            np.zeros((0, self.hidden_size), np.float16))
+
+    def sample_tokens(self, rows: np.ndarray) -> np.ndarray:
+        """Token ids at these sorted global token rows (read from the stream, no forward)."""
+        return self._gather(rows, lambda seqs: np.concatenate(self.stream.take(seqs)), np.zeros(0, np.int32))
+
+    def _gather(self, rows: np.ndarray, read, empty: np.ndarray) -> np.ndarray:
+        """`read(sequence ids)` (one row per token of those sequences, in order) at these sorted rows,
+        a shard's worth of sequences at a time."""
         offs = self.stream.seq_offsets
         seq = np.searchsorted(offs, rows, side="right") - 1
         ids = np.unique(seq)
         per_call = max(1, self.cfg.shard_tokens // max(1, int(np.diff(offs).max())))
-        out = [np.zeros((0, self.hidden_size), np.float16)]
+        out = [empty]
         for c in range(0, len(ids), per_call):
             chunk = ids[c:c + per_call]
-            states = self.states(self.stream.take(chunk))
+            values = read(chunk)
             lens = offs[chunk + 1] - offs[chunk]
-            base = np.cumsum(lens) - lens  # where each sequence's states start in `states`
+            base = np.cumsum(lens) - lens  # where each sequence's rows start in `values`
             mine = (seq >= chunk[0]) & (seq <= chunk[-1])
-            out.append(states[base[np.searchsorted(chunk, seq[mine])] + rows[mine] - offs[seq[mine]]])
+            out.append(values[base[np.searchsorted(chunk, seq[mine])] + rows[mine] - offs[seq[mine]]])
         return np.concatenate(out)
 
     def blocks(self, shard: dict) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -7,7 +7,8 @@ shard (resumable), then finalizes codes.h5 over the parts (pipeline.finalize: no
 
 The dictionary sample is the same rule on both paths: a seeded sample uniform over the stream's
 tokens, a few per sequence (`dictionary_sample`), so the fused path runs the forward on those
-sequences alone.
+sequences alone; it leaves out each sequence's [CLS] and [SEP] unless `--dict-specials`. Every
+token is then coded by one coder (`token_coder`, `--solver exact|fista`) on both paths.
 
 Several workers (pipeline.workers) code disjoint shards into the same parts folder. All of them
 must code with one dictionary: under torchrun rank 0 learns it while the others wait at a
@@ -51,7 +52,7 @@ from mlsm.core.memory import release_freed_heap
 from mlsm.core.ranks import Rank, join
 from mlsm.pipeline.codes import dense_to_csr, part_rows, top_k_codes, write_part
 from mlsm.pipeline.shards import iter_shard_batches, open_shard, read_rows
-from mlsm.pipeline.solvers import nn_lasso
+from mlsm.pipeline.solvers import LassoResult, duality_gap, fista_fixed, lipschitz, nn_lasso
 from mlsm.pipeline.workers import BARRIER_TIMEOUT, prepare_shared_stage
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,13 @@ SAMPLE_RULE = "tokens-per-sequence"  # recorded in dictionary.h5: a dictionary o
 
 
 def dictionary_sample(seq_lengths: np.ndarray, n_train: int, n_held: int, seed: int,
-                      per_sequence: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+                      per_sequence: float = 2.0, specials: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(held-out, training) global token rows of the dictionary sample, each sorted.
+
+    specials=False leaves out the [CLS] and [SEP] of every sequence (the first and the last of its
+    rows: pipeline.sequences wraps each packed sequence as exactly `[CLS] ... [SEP]`), so the sample
+    is uniform over the other tokens; `sparse-code --no-dict-specials` (the default). With
+    specials=True every position may be drawn.
 
     Sequences are visited in a seeded random order and each of their tokens is taken with one
     probability q, the same for every token, so the sample is uniform over the stream: held-out
@@ -106,14 +112,16 @@ def dictionary_sample(seq_lengths: np.ndarray, n_train: int, n_held: int, seed: 
     held-out objective, bench/dictionary_sample.py), while the fused path runs the forward on
     about (n_train + n_held) / per_sequence sequences only, not on nearly all of them.
     """
-    lengths = np.asarray(seq_lengths, dtype=np.int64)
+    full = np.asarray(seq_lengths, dtype=np.int64)
+    skip = 0 if specials else 1  # rows left out at each end of a sequence
+    lengths = np.maximum(full - 2 * skip, 0)  # the rows that may be drawn, per sequence
     total = int(lengths.sum())
     if not total or n_train + n_held <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     q = min(1.0, max(per_sequence / int(lengths.max()), 1.25 * (n_train + n_held) / total))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(lengths))
-    offs = np.concatenate([[0], np.cumsum(lengths)])
+    offs = np.concatenate([[0], np.cumsum(full)])[:-1] + skip  # each sequence's first row that may be drawn
     held, train, n_h, n_t = [], [], 0, 0
     for c0 in range(0, len(order), SAMPLE_CHUNK):  # a chunk of sequences at a time: memory ~ the sample
         seqs = order[c0:c0 + SAMPLE_CHUNK]
@@ -142,11 +150,27 @@ def dictionary_vectors(source, cfg: SparseCodeConfig) -> tuple[np.ndarray, np.nd
     """(training, held-out) L2-normalised vectors of the dictionary sample, from either source."""
     lengths = source.seq_lengths()
     n_held = min(cfg.heldout, int(lengths.sum()) // 10)
-    held_rows, train_rows = dictionary_sample(lengths, cfg.dict_samples, n_held, cfg.seed, cfg.dict_per_sequence)
+    held_rows, train_rows = dictionary_sample(lengths, cfg.dict_samples, n_held, cfg.seed, cfg.dict_per_sequence,
+                                              specials=cfg.dict_specials)
+    if not cfg.dict_specials:
+        held_rows, train_rows = _drop_specials(source, held_rows, train_rows)
     held = source.sample_states(held_rows)
     train = source.sample_states(train_rows)
     train = train[np.random.default_rng(cfg.seed).permutation(len(train))]
     return l2_normalize_states(train, "cpu").numpy(), l2_normalize_states(held, "cpu").numpy()
+
+
+def _drop_specials(source, *row_sets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The rows whose token is not a [CLS] or [SEP]: the sample has left out each sequence's own two
+    already, this drops one spelled out in the text (a tokenizer reads "[SEP]" as the token)."""
+    rows = np.concatenate(row_sets)
+    if not len(rows):
+        return row_sets
+    ids = source.sample_tokens(np.sort(rows))
+    drop = np.sort(rows)[np.isin(ids, [source.special["cls"], source.special["sep"]])]
+    if len(drop):
+        log.info("sparse-code: %d [CLS]/[SEP] inside sequences left out of the dictionary sample", len(drop))
+    return tuple(r[~np.isin(r, drop)] for r in row_sets)
 
 
 def sample_vectors(extract_dir: Path, shards: list[dict], layer: int, n: int, seed: int,
@@ -200,6 +224,17 @@ class StagedSource:
             return np.zeros((0, self.hidden_size or 0), np.float16)
         return read_sample(self.extract_dir, self.man["shards"], rows, self.cfg.layer, self.cfg.progress)
 
+    def sample_tokens(self, rows: np.ndarray) -> np.ndarray:
+        """Token ids at these sorted global token rows."""
+        return read_sample(self.extract_dir, self.man["shards"], rows, None)
+
+    @functools.cached_property
+    def special(self) -> dict:
+        """The special tokens' ids, from the extract's tokenizer."""
+        from mlsm.core import hf
+
+        return hf.special_token_ids(hf.load_tokenizer(self.tokenizer_dir))
+
     def blocks(self, shard: dict) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         path = self.shard_path(shard)
         if not path.exists():
@@ -250,7 +285,7 @@ def _write_dictionary(path: Path, D: np.ndarray, attrs: dict) -> None:
 def _dictionary_attrs(cfg: SparseCodeConfig, identity: dict, dict_key: str, stats: dict, d: int) -> dict:
     return {"K": cfg.K, "d": d, "layer": cfg.layer, "lambda": cfg.lam, "params_key": dict_key,
             "stats": json.dumps(stats), "aux_weights": identity["aux_weights"], "tokenizer": identity["tokenizer"],
-            "sample": SAMPLE_RULE, "dict_per_sequence": cfg.dict_per_sequence}
+            "sample": SAMPLE_RULE, "dict_per_sequence": cfg.dict_per_sequence, "dict_specials": cfg.dict_specials}
 
 
 def _adopt_dictionary(cfg: SparseCodeConfig, identity: dict, dict_key: str):
@@ -273,6 +308,9 @@ def _adopt_dictionary(cfg: SparseCodeConfig, identity: dict, dict_key: str):
         if not same:
             raise MLSMError(f"{src} was learnt with {meaning.get(key, key)} ({key} {str(got)[:12]} vs "
                             f"{str(value)[:12]} here); {fix}, or pass the dictionary of these states.")
+    if "dict_specials" in attrs and bool(attrs["dict_specials"]) != cfg.dict_specials:
+        log.info("sparse-code: %s was learnt on a sample %s [CLS]/[SEP]; it is used as given", src,
+                 "with" if attrs["dict_specials"] else "without")
     stats = json.loads(attrs.get("stats", "{}"))
     _write_dictionary(Path(cfg.out) / DICTIONARY, D, {**attrs, "params_key": dict_key})
     return torch.from_numpy(D), stats
@@ -324,11 +362,32 @@ def _shared_dictionary(rank: Rank, cfg: SparseCodeConfig, dict_key: str, learn):
 # --------------------------------------------------------------------------- coding
 
 
-def _code_part(cfg: SparseCodeConfig, blocks, part: Path, D, gram, bar, attrs: dict) -> int:
+def token_coder(cfg: SparseCodeConfig, D: torch.Tensor, gram: torch.Tensor):
+    """The one function every token of either source is coded by (`--solver`): L2-normalised
+    states (B, d) -> LassoResult.
+
+    exact: nn_lasso to the certified relative gap --tol. fista: --fista-steps steps of fista_fixed
+    from zero (the reference's coder); its codes are not certified, so their gap is computed here
+    and stored as for exact codes (the part files' and codes.h5's gap figures say how far they are).
+    """
+    if cfg.solver == "exact":
+        return lambda x: nn_lasso(x, D, cfg.lam, tol=cfg.tol, gram=gram)
+    L = lipschitz(D)
+
+    def fista(x: torch.Tensor) -> LassoResult:
+        a = fista_fixed(x, D, cfg.lam, n_iter=cfg.fista_steps, L=L)
+        primal, gap = duality_gap(x, D, a, cfg.lam)
+        return LassoResult(a, primal, gap / primal.clamp(min=1e-12), cfg.fista_steps)
+
+    return fista
+
+
+def _code_part(cfg: SparseCodeConfig, blocks, part: Path, code, device, bar, attrs: dict) -> int:
     """Code (token ids, sequence ids, states) blocks into one part file; returns the number of tokens.
 
     Both sources hand over the same blocks (a Parquet shard's row groups), split into the same
-    solver batches: the staged and fused paths compute the same codes.
+    solver batches and coded by the same `code` (token_coder): the staged and fused paths compute
+    the same codes.
     """
     lam = cfg.lam
     value_dtype = np.float16 if cfg.values == "float16" else np.float32
@@ -337,8 +396,8 @@ def _code_part(cfg: SparseCodeConfig, blocks, part: Path, D, gram, bar, attrs: d
         toks.append(token_id)
         seqs.append(seq_id)
         for b in range(0, len(token_id), cfg.batch_size):
-            x = l2_normalize_states(hidden[b:b + cfg.batch_size], D.device)
-            res = nn_lasso(x, D, lam, tol=cfg.tol, gram=gram)
+            x = l2_normalize_states(hidden[b:b + cfg.batch_size], device)
+            res = code(x)
             a = res.codes
             # ||x - D a|| from the objective the solver already evaluated: a second full GEMM saved
             recon.append(torch.sqrt((2 * (res.primal.double() - lam * a.sum(1).double())).clamp(min=0)).cpu().numpy())
@@ -400,6 +459,8 @@ def _run_sparse_code(cfg: SparseCodeConfig, rank: Rank) -> dict:
     params = recorded(cfg)
     if cfg.from_tokens is None:
         params = {k: v for k, v in params.items() if k not in _FUSED_ONLY}
+    if cfg.solver == "exact":
+        params.pop("fista_steps")  # the exact solver takes none
     inputs = dict(source.inputs)
     if cfg.dictionary is not None:
         inputs["dictionary"] = sha256_file(cfg.dictionary)
@@ -419,7 +480,8 @@ def _run_sparse_code(cfg: SparseCodeConfig, rank: Rank) -> dict:
 
     t0 = time.time()
     dict_key = sha256_json({k: params[k] for k in ("layer", "K", "lambda", "dict_samples", "heldout", "seed",
-                                                  "dict_per_sequence")} | inputs | {"sample": SAMPLE_RULE})
+                                                  "dict_per_sequence", "dict_specials")} | inputs
+                        | {"sample": SAMPLE_RULE})
     D, dict_stats = _shared_dictionary(rank, cfg, dict_key, lambda: _learn_dictionary(cfg, source, dev, dict_key))
     t_dict = time.time() - t0
     if cfg.dictionary_only:
@@ -432,7 +494,7 @@ def _run_sparse_code(cfg: SparseCodeConfig, rank: Rank) -> dict:
                         f"have d={d} and K={cfg.K} was asked for; rebuild it with `mlsm sparse-code ... --force`.")
     dict_fp = dictionary_fingerprint(D)
     D = D.to(dev)
-    gram = D.T @ D
+    code = token_coder(cfg, D, D.T @ D)
 
     parts_dir = out_dir / PARTS_DIR
     parts_dir.mkdir(exist_ok=True)
@@ -445,14 +507,15 @@ def _run_sparse_code(cfg: SparseCodeConfig, rank: Rank) -> dict:
         part = parts_dir / part_name(shard["index"])
         if not _part_done(part, shard["tokens"], dict_fp):  # missing, damaged, or of another dictionary
             attrs = {"shard": shard.get("file", str(shard["index"])), "dictionary_fingerprint": dict_fp}
-            coded += _code_part(cfg, source.blocks(shard), part, D, gram, bar, attrs)
+            coded += _code_part(cfg, source.blocks(shard), part, code, D.device, bar, attrs)
         else:
             bar.update(shard["tokens"])
         source.after_part(shard)
         release_freed_heap()  # the shard's arrays are freed: keep the heap from growing with the run
     bar.close()
     t_code = time.time() - t1
-    record = {"worker": rank.index, "workers": rank.count, "device": str(dev), "dictionary_s": round(t_dict, 1),
+    record = {"worker": rank.index, "workers": rank.count, "device": str(dev), "solver": cfg.solver,
+              "dictionary_s": round(t_dict, 1),
               "coding_s": round(t_code, 1), "forward_s": round(source.forward_s, 1), "coded_tokens": coded,
               "coding_tokens_per_s": round(coded / t_code, 1) if coded and t_code > 0 else None}
     write_json_atomic(out_dir / WORKERS_DIR / f"{rank.name}.json", record)

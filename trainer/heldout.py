@@ -51,7 +51,7 @@ def heldout_loss(model: torch.nn.Module, batches: list[dict], spec) -> dict:
                 out = model(m["input_ids"].to(device), m["attention_mask"].to(device), m["masked_index"].to(device))
             if spec.use_mlsm:
                 kl, n = mlsm_kl_loss(out["mlsm_logits"], m["target_indptr"], m["target_indices"].to(device),
-                                     m["target_values"].to(device))
+                                     m["target_values"].to(device), count_zero_codes=spec.count_zero_codes)
                 kl_sum, n_targets = kl_sum + float(kl) * n, n_targets + n
             if spec.use_mlm:
                 ce_sum += float(mlm_loss(out["mlm_logits"], m["mlm_labels"])) * m["n_masked"]

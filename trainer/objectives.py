@@ -21,11 +21,14 @@ def mlsm_kl_loss(
     target_indptr: torch.Tensor,
     target_indices: torch.Tensor,
     target_values: torch.Tensor,
+    count_zero_codes: bool = False,
 ) -> tuple[torch.Tensor, int]:
-    """Mean over rows with a target of KL(t || softmax(z)); returns (loss, number of such rows).
+    """Mean of KL(t || softmax(z)) over the rows it counts; returns (loss, number of rows counted).
 
     KL = sum_j t_j log t_j - sum_j t_j z_j + logsumexp(z), with t normalised per row by the caller.
-    Empty rows (tokens whose code is all zero) are left out of the loss and of its denominator.
+    Empty rows (tokens whose code is all zero) have no loss. By default they are left out of its
+    denominator too (the mean is over rows with a target); count_zero_codes=True counts them there
+    (`pretrain --count-zero-codes`: the mean over every masked row, the reference's average).
     Pass `target_indptr` on the CPU to keep the row count free of a device sync.
     """
     z = _float32(logits)  # (M, K): one row per masked token
@@ -34,9 +37,10 @@ def mlsm_kl_loss(
         raise ValueError(f"target_indptr has {target_indptr.numel()} entries for {M} rows (expected {M + 1})")
     lens = (target_indptr[1:] - target_indptr[:-1]).cpu()  # (M,) nonzeros per row
     has = lens > 0
-    n = int(has.sum())
-    if n == 0:
-        return z.sum() * 0.0, 0  # keeps the graph (and DDP's gradient hooks) alive
+    n_has = int(has.sum())
+    n = M if count_zero_codes else n_has
+    if n_has == 0:
+        return z.sum() * 0.0, n  # keeps the graph (and DDP's gradient hooks) alive
     dev = z.device
     rows = torch.repeat_interleave(torch.arange(M), lens).to(dev, non_blocking=True)  # (nnz,) row of each entry
     cols = target_indices.to(dev, dtype=torch.long, non_blocking=True)  # (nnz,) its atom
@@ -71,7 +75,7 @@ def context_free_baselines(data, special_ids, max_tokens: int = 200_000, seed: i
     most `max_tokens` tokens).
 
     Only non-special tokens count, as only they are masked. MLSM: predicting the mean target
-    costs the mean KL(t || mean t) over the tokens that have a target. MLM: predicting unigram
+    costs the mean KL(t || mean t) over the `coded_tokens` that have a target. MLM: predicting unigram
     frequencies costs their entropy. Both are plug-in estimates on the sample. A loss at its
     baseline means nothing contextual was learnt; `loss / baseline` says how far below it a run got.
 
@@ -108,7 +112,7 @@ def context_free_baselines(data, special_ids, max_tokens: int = 200_000, seed: i
         t_log_t += float((t * np.log(t)).sum())
         n_coded += int((plain & (mass > 0)).sum())
     pu = counts[counts > 0] / max(1, n_plain)
-    out = {"tokens": n_plain, "unigram_entropy": float(-(pu * np.log(pu)).sum()), "mlsm_marginal_kl": None}
+    out = {"tokens": n_plain, "coded_tokens": n_coded, "unigram_entropy": float(-(pu * np.log(pu)).sum()), "mlsm_marginal_kl": None}
     if n_coded:
         used = atom_mass > 0
         cross = float((atom_mass[used] * np.log(atom_mass[used] / n_coded)).sum())

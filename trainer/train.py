@@ -58,12 +58,13 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases and LayerNorm weights (1-D) are not decayed."""
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_1d: bool = False) -> list[dict]:
+    """Decay matrices only: biases and LayerNorm weights (1-D) are not decayed, unless decay_1d
+    (`pretrain --decay-1d`, the reference's AdamW: every parameter is decayed)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():  # shared (tied) parameters appear once
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 or decay_1d else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -90,18 +91,20 @@ def milestone_steps(cfg: PretrainConfig) -> set[int]:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """What a step computes: which losses, their weighting, clipping and precision."""
+    """What a step computes: which losses, their weighting, clipping and precision; count_zero_codes:
+    the MLSM loss's denominator counts masked tokens with an all-zero code (objectives.mlsm_kl_loss)."""
 
     use_mlsm: bool
     use_mlm: bool
     mlm_weight: float = 0.0
     clip: float = 1.0
     bf16: bool = False
+    count_zero_codes: bool = False
 
     @classmethod
     def of(cls, cfg: PretrainConfig, bf16: bool) -> StepSpec:
         return cls(use_mlsm=cfg.objective == "mlsm", use_mlm=cfg.objective == "mlm" or cfg.mlm_weight > 0,
-                   mlm_weight=cfg.mlm_weight, clip=cfg.clip, bf16=bf16)
+                   mlm_weight=cfg.mlm_weight, clip=cfg.clip, bf16=bf16, count_zero_codes=cfg.count_zero_codes)
 
     def total(self, mlsm_v: float | None, mlm_v: float | None) -> float:
         """The objective from its parts: L_MLSM + w * L_MLM jointly, else the one part."""
@@ -146,6 +149,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro: list[d
     if rank.active:
         counts = [int(c) for c in rank.all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()]
     n_targets, n_masked, n_tokens = counts
+    mlsm_rows = n_masked if spec.count_zero_codes else n_targets  # the MLSM mean's denominator
     step_mlsm = step_mlm = torch.zeros((), device=device)
     for i, m in enumerate(micro):
         m = _to(m, device)
@@ -155,8 +159,9 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, micro: list[d
                 out = step_model(m["input_ids"], m["attention_mask"], m["masked_index"])
             loss = torch.zeros((), device=device)
             if spec.use_mlsm:
-                kl, n = mlsm_kl_loss(out["mlsm_logits"], m["target_indptr"], m["target_indices"], m["target_values"])
-                part = kl * (n / max(n_targets, 1))
+                kl, n = mlsm_kl_loss(out["mlsm_logits"], m["target_indptr"], m["target_indices"], m["target_values"],
+                                     count_zero_codes=spec.count_zero_codes)
+                part = kl * (n / max(mlsm_rows, 1))
                 step_mlsm = step_mlsm + part.detach()
                 loss = loss + part
             if spec.use_mlm:
@@ -387,7 +392,7 @@ def _train(cfg: PretrainConfig, data: TokenData, device: torch.device, rank: Ran
         step_model = ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         step_model = torch.compile(step_model)
-    opt = adamw(param_groups(model, cfg.weight_decay), cfg.lr)
+    opt = adamw(param_groups(model, cfg.weight_decay, cfg.decay_1d), cfg.lr)
     data.pad_id = setup.special["pad"]
     masking = Masking.of(setup.special, setup.vocab_size, cfg.mask_prob, cfg.mask_policy)
     batches = BatchIterator(data, cfg.batch_size, seed=cfg.seed, masking=masking, micro_batches=cfg.grad_accum,
@@ -493,6 +498,8 @@ def _baseline(cfg: PretrainConfig, spec: StepSpec, data: TokenData, setup: RunSe
     weighted as the step weights its losses; rank 0 records it in run.json."""
     b = context_free_baselines(data, setup.special.values(), seed=cfg.seed)
     kl, ent = b["mlsm_marginal_kl"], b["unigram_entropy"]
+    if kl is not None and spec.count_zero_codes:  # tokens without a target count with zero loss
+        kl *= b["coded_tokens"] / max(1, b["tokens"])
     total = ((kl or 0.0) if spec.use_mlsm else 0.0) + ((spec.mlm_weight if spec.use_mlsm else 1.0) * ent
                                                        if spec.use_mlm else 0.0)
     if spec.use_mlsm and kl is None:

@@ -270,6 +270,9 @@ class ExtractConfig:
         check(problems, "extract")
 
 
+SOLVERS = ("exact", "fista")
+
+
 @dataclass
 class SparseCodeConfig:
     extract_dir: Path = opt(Path("data/extract"), "Output folder of `mlsm extract`.")
@@ -292,10 +295,20 @@ class SparseCodeConfig:
     dict_per_sequence: float = opt(2.0, "Tokens the dictionary sample takes from a full-length sequence, on "
                                         "average (uniform over the stream either way): fewer keep its contexts "
                                         "varied, more cut the forward the fused path runs for it.", record=True)
+    dict_specials: bool = opt(False, "Let the dictionary sample (training and held-out) draw the [CLS] and [SEP] "
+                                     "of each sequence too. Default: leave them out, as the reference does. Every "
+                                     "token is coded either way; only the sample the dictionary learns from "
+                                     "changes.", flags=("--dict-specials/--no-dict-specials",), record=True)
     batch_size: int = opt(8192, "Tokens per solver call; nn_lasso splits them into 1024-row chunks over the threads.")
     top_k: int | None = opt(None, "Keep only the N largest atoms per token (default: all); the target a/sum(a) is "
                                   "renormalised over them. `make bench-extract` reports the KL this costs for N in "
                                   "8..64.", type=int, record=True)
+    solver: str = opt("exact", "How every token is coded: exact, the active-set non-negative lasso solved to a "
+                               "certified duality gap (--tol); fista, a fixed --fista-steps FISTA steps from zero "
+                               "(the reference's coder; no convergence claim, the part files record each code's "
+                               "gap). The dictionary is learnt with its own solver either way.",
+                      type=click.Choice(SOLVERS), record=True)
+    fista_steps: int = opt(100, "With --solver fista: FISTA steps per token.", record=True)
     values: str = opt("float32", "Storage type of the code values (float16 halves their bytes).",
                       flags=("--values-dtype", "--values"), type=click.Choice(["float32", "float16"]), record=True)
     delete_hidden: bool = opt(False, "Delete each hidden-state shard of --extract-dir once its codes are written and "
@@ -330,6 +343,10 @@ class SparseCodeConfig:
             problems.append("--shard-tokens and --batch-tokens must be positive")
         if not self.dict_per_sequence > 0:
             problems.append("--dict-per-sequence must be positive")
+        if self.solver not in SOLVERS:
+            problems.append(f"--solver must be one of {', '.join(SOLVERS)}")
+        if self.fista_steps < 1:
+            problems.append("--fista-steps must be at least 1")
         if self.from_tokens is not None and self.delete_hidden:
             problems.append("--delete-hidden has nothing to delete with --from-tokens (no hidden states are written)")
         check(problems, "sparse-code")
@@ -372,11 +389,17 @@ class PretrainConfig:
     grad_accum: int = opt(1, "Micro-batches per step; batch-size must divide by grad-accum x processes.")
     lr: float = opt(1e-4, "Peak learning rate (AdamW).")
     warmup: float = opt(0.01, "Fraction of steps of linear warm-up (then linear decay to 0).")
-    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorm weights).")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorm weights, unless --decay-1d).")
+    decay_1d: bool = opt(False, "Decay every parameter, biases and LayerNorm weights included (the reference's "
+                                "AdamW). Default: matrices only.")
     clip: float = opt(1.0, "Gradient-norm clipping (0: none).", cli=False)
     mask_prob: float = opt(0.15, "Share of non-special tokens selected for masking.")
     mask_policy: str = opt("mask", "mask: every selected token becomes [MASK] (the reference); bert: 80/10/10.",
                            type=click.Choice(MASK_POLICIES))
+    count_zero_codes: bool = opt(False, "Masked tokens whose code is all zero count in the MLSM loss's denominator "
+                                        "with zero loss: the loss is the mean over every masked token, as the "
+                                        "reference averages. Default: they are left out of the loss and of its "
+                                        "denominator.")
     max_len: int = opt(128, "Longest sequence the student takes (the data's sequences must fit).")
     shuffle_window: int = opt(4096, "Sequences the loader reads and shuffles together (rounded up to whole batches): its memory, about 0.5 KB per token of them with K=3000 codes, whatever the corpus size.")
     seed: int = opt(0, "Seed of the initialisation, the data order and the masks.")
