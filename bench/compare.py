@@ -1,6 +1,6 @@
 """MLSM vs MLM at equal pre-training budget: pre-train, fine-tune every milestone, table + plot.
 
-    python bench/compare.py --size cpu      # ~1 h on 2 CPU cores (make compare)
+    python bench/compare.py --size cpu      # about 2 h on 2 CPU cores (make compare)
     python bench/compare.py --size gpu      # BERT-mini, a few thousand steps (make compare COMPARE_SIZE=gpu)
     python bench/compare.py --size smoke    # minutes: proves the pipeline end to end, numbers mean nothing
 
