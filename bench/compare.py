@@ -168,7 +168,7 @@ def write_report(rows: list[dict], layer_rep: dict | None, p: dict, size: str, o
              f"{', '.join(map(str, p.get('lr_grid', [p['lr']])))} (sweep below), corpus "
              f"`{p['corpus']}` ({'all' if p['tokens'] is None else p['tokens']} tokens); targets from "
              f"MiniLM layer {p['main_layer']}{' (the layer recipe chose it: section below)' if extra and extra.get('layer_choice') else ''} "
-             f"and layer {max(p['layers'])} with K={p['K']}. Fine-tuning: {p['ft_seeds']} seeds, {p['ft_epochs']} "
+             f"and {', '.join(f'layer {x}' for x in sorted(set(p['layers']) - {p['main_layer']})) or 'no other layer'} with K={p['K']}. Fine-tuning: {p['ft_seeds']} seeds, {p['ft_epochs']} "
              f"epochs, lr {p['ft_lr']}, batch {p['ft_batch']}, at most {p['max_train']} training and "
              f"{p['max_eval']} test examples per task. Cells: test accuracy / macro-F1 in %, mean ± std over seeds.",
              "", "| run | objective | step | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
