@@ -19,9 +19,7 @@ from mlsm.pipeline import sparse_code
 from mlsm.pipeline.solvers import nn_lasso
 from mlsm.pipeline.token_stream import TokenStream
 from tests.fault_kit import cli, make_tiny_aux, write_corpus
-
-FORWARD = ["--shard-tokens", "300", "--batch-tokens", "128"]
-CODE = ["-k", "16", "--dict-samples", "600", "--heldout", "60", "--batch-size", "256", "--layer", "2", "--no-progress"]
+from tests.test_fused import CODE, FORWARD  # the fused tests' forward and coding settings
 
 
 @pytest.fixture(scope="module")
