@@ -163,11 +163,11 @@ def dictionary_vectors(source, cfg: SparseCodeConfig) -> tuple[np.ndarray, np.nd
 def _drop_specials(source, *row_sets: np.ndarray) -> tuple[np.ndarray, ...]:
     """The rows whose token is not a [CLS] or [SEP]: the sample has left out each sequence's own two
     already, this drops one spelled out in the text (a tokenizer reads "[SEP]" as the token)."""
-    rows = np.concatenate(row_sets)
+    rows = np.sort(np.concatenate(row_sets))
     if not len(rows):
         return row_sets
-    ids = source.sample_tokens(np.sort(rows))
-    drop = np.sort(rows)[np.isin(ids, [source.special["cls"], source.special["sep"]])]
+    ids = source.sample_tokens(rows)
+    drop = rows[np.isin(ids, [source.special["cls"], source.special["sep"]])]
     if len(drop):
         log.info("sparse-code: %d [CLS]/[SEP] inside sequences left out of the dictionary sample", len(drop))
     return tuple(r[~np.isin(r, drop)] for r in row_sets)
