@@ -1,6 +1,7 @@
 """MLSM vs MLM at equal pre-training budget: pre-train, fine-tune every milestone, table + plot.
 
     python bench/compare.py --size cpu      # about 2 h on 2 CPU cores (make compare)
+    python bench/compare.py --size mini     # BERT-mini, 2000 steps, on 2 CPU cores: about 2.5 h (COMPARE_SIZE=mini)
     python bench/compare.py --size gpu      # BERT-mini, a few thousand steps (make compare COMPARE_SIZE=gpu)
     python bench/compare.py --size smoke    # minutes: proves the pipeline end to end, numbers mean nothing
 
@@ -12,9 +13,10 @@ Steps (each skips what an earlier invocation finished, so an interrupted compare
 3. sparse-code each layer;
 4. pre-train the students with the same budget (steps x batch) on the same token stream:
    MLM, MLSM, MLSM+MLM (w=1) from the main layer, and MLSM from each variant layer; with
-   pretrain_seeds > 1 (cpu size: 2), MLM and each layer's MLSM again with other pre-training seeds;
-5. fine-tune each checkpoint at 25/50/100% (variants and the random-init baseline: 100% only) on
-   each task, several seeds;
+   pretrain_seeds > 1 (cpu and mini size: 2), MLM and each layer's MLSM (mini size: the main
+   layer's only) again with other pre-training seeds;
+5. fine-tune each checkpoint at 25/50/100% (mini size: 50/100%; variants and the random-init
+   baseline: 100% only) on each task, several seeds;
 6. probe the final checkpoints (and the random init) with a linear probe on the frozen last layer
    (--probe-tasks, default pos and supersense);
 7. write <out>/compare[-size].md, .json and .png (and -cost.png).
@@ -56,6 +58,19 @@ SIZES = {
                 model="tiny", steps=500, batch=32, lr=2e-3, ft_seeds=3, ft_epochs=3, ft_lr=1e-3, ft_batch=32,
                 max_train=2000, max_eval=500, report_samples=20_000, report_heldout=5_000, report_K=500, device="cpu",
                 pretrain_seeds=2, eval_sequences=128, choice=dict(sample_tokens=50_000)),
+    # The bigger student on 2 CPU cores (about 2.5 h): BERT-mini, 2000 steps x 16 on 1M SOTU tokens
+    # (about 4 passes over the data; the cpu size's 200k tokens would be 20). The layer choice is
+    # the cpu size's (the same 50k-token sample and rule, so a cpu-size work dir's layer-choice/
+    # can be reused). What was cut to fit: one pre-training rate for every objective
+    # (1e-3, MLM's best at cpu size), no second seed for the last layer's run or for MLSM+MLM,
+    # milestones at 50/100% only, 2 fine-tuning epochs (cpu size: 3), and fine-tuning on POS and
+    # supersense only (BBC took half the fine-tuning time and the never-trained student led it at
+    # cpu size).
+    "mini": dict(tokens=1_000_000, layers=[6], main_layer="auto", K=1000, dict_samples=100_000, dict_heldout=10_000,
+                 model="mini", steps=2000, batch=16, lr=1e-3, lr_grid=[1e-3], ft_seeds=3, ft_epochs=2, ft_lr=1e-3,
+                 ft_batch=32, max_train=2000, max_eval=500, report_samples=20_000, report_heldout=5_000, report_K=500,
+                 device="cpu", pretrain_seeds=2, eval_sequences=128, choice=dict(sample_tokens=50_000),
+                 fractions=(0.5, 1.0), tasks="pos,supersense", repeat_layers="main"),
     # One GPU: BERT-mini, 4000 steps of 128 sequences over the whole SOTU corpus, the paper's K.
     "gpu": dict(tokens=None, layers=[2, 4, 6], main_layer=6, K=3000, dict_samples=1_000_000, dict_heldout=20_000,
                 model="mini", steps=4000, batch=128, lr=1e-3, ft_seeds=3, ft_epochs=3, ft_lr=1e-4, ft_batch=32, max_train=None,
@@ -87,6 +102,37 @@ def recipe_layer(corpus: str, folder: Path, p: dict) -> dict:
              "--layer-choice-dir", folder, "--max-tokens", "all" if p["tokens"] is None else p["tokens"],
              "--device", p["device"], "--no-progress", *opts)
     return json.loads((folder / "choice.json").read_text())
+
+
+def swept_runs(p: dict, L: int) -> dict[str, tuple]:
+    """The three objectives on the main layer, each swept over the size's rates.
+    Values: (objective, mlm weight, layer, milestone fractions to fine-tune)."""
+    fractions = tuple(p.get("fractions", FRACTIONS))
+    return {"mlm": ("mlm", 0.0, L, fractions), f"mlsm-L{L}": ("mlsm", 0.0, L, fractions),
+            f"mlsm+mlm-L{L}": ("mlsm", 1.0, L, fractions)}
+
+
+def planned_runs(p: dict, runs: dict, layers: list[int], L: int, best_lr: dict) -> tuple[dict, dict, dict]:
+    """Add the other layers' MLSM runs and the other pre-training seeds to `runs`, each at its best
+    rate (filled into best_lr); returns (runs, pretrain seed, the seed-0 run it repeats)."""
+    runs = dict(runs)
+    for layer in layers:  # other layers' codes: at MLSM's best rate (their losses are not comparable to L's)
+        if layer != L:
+            runs[f"mlsm-L{layer}"] = ("mlsm", 0.0, layer, (1.0,))
+            best_lr[f"mlsm-L{layer}"] = best_lr.get(f"mlsm-L{L}", p["lr"])
+    pretrain_seed = {name: 0 for name in runs}
+    base_run = {name: name for name in runs}
+    # Fine-tuning seeds do not show how much the pre-training run itself varies: MLM and the MLSM
+    # run of every layer are repeated with other seeds (init, masks, data order) at their best rate,
+    # with the same milestones, so the cost curves have a band and the headline a spread.
+    repeated = layers if p.get("repeat_layers", "all") == "all" else [L]  # mini size: the main layer only
+    for k in range(1, p["pretrain_seeds"]):
+        for base in ["mlm"] + [f"mlsm-L{layer}" for layer in repeated]:
+            objective, w, layer, fr = runs[base]
+            runs[f"{base}-s{k}"] = (objective, w, layer, fr)
+            pretrain_seed[f"{base}-s{k}"], base_run[f"{base}-s{k}"] = k, base
+            best_lr[f"{base}-s{k}"] = best_lr.get(base, p["lr"])
+    return runs, pretrain_seed, base_run
 
 
 def milestone_dirs(run: Path, steps: int, fractions) -> dict[float, Path]:
@@ -476,7 +522,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--corpus", default="data/corpus/sotu.txt", help="Pre-training text (keep evaluation text out).")
     ap.add_argument("--eval-dir", type=Path, default=Path("data/eval"), help="Output of `make eval-data`.")
-    ap.add_argument("--tasks", default="bbc,supersense,pos")
+    ap.add_argument("--tasks", default=None, help="Fine-tuning tasks, comma-separated (default: the size's; bbc,supersense,pos).")
     ap.add_argument("--work", type=Path, default=None, help="Intermediate files (default data/compare-<size>).")
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("--device", default=None, help="Override the size's device (cpu, cuda).")
@@ -509,7 +555,7 @@ def run(args) -> None:
     except ImportError as e:
         raise MLSMError("the compare plot needs matplotlib: pip install -e '.[plot]' (make compare does it).") from e
     p = dict(SIZES[args.size], corpus=args.corpus)
-    p["lr_grid"] = [float(x) for x in args.lr_grid.split(",")] if args.lr_grid else list(LR_GRID)
+    p["lr_grid"] = [float(x) for x in args.lr_grid.split(",")] if args.lr_grid else list(p.get("lr_grid", LR_GRID))
     if len(p["lr_grid"]) < 1:
         raise MLSMError("--lr-grid needs at least one rate")
     if args.device:
@@ -519,7 +565,7 @@ def run(args) -> None:
     tag = args.tag if args.tag is not None else (f"-{args.steps}-steps" if args.steps else "")
     os.chdir(ROOT)
     work = args.work or Path(f"data/compare-{args.size}")
-    tasks = [args.eval_dir / t for t in args.tasks.split(",") if t]
+    tasks = [args.eval_dir / t for t in (args.tasks or p.get("tasks", "bbc,supersense,pos")).split(",") if t]
     for t in tasks:
         if not (t / "task.json").is_file() and not any(t.glob("train.*")):
             raise MLSMError(f"task {t} not found; run `make eval-data` first (or pass --eval-dir/--tasks).")
@@ -566,11 +612,7 @@ def run(args) -> None:
 
     t0 = time.time()
     L = p["main_layer"]
-    runs = {  # name: (objective, mlm weight, layer, fractions to fine-tune)
-        "mlm": ("mlm", 0.0, L, FRACTIONS),
-        f"mlsm-L{L}": ("mlsm", 0.0, L, FRACTIONS),
-        f"mlsm+mlm-L{L}": ("mlsm", 1.0, L, FRACTIONS),
-    }
+    runs = swept_runs(p, L)
     run_dirs, best_lr = {}, {}
 
     def pretrain(folder: str, objective: str, w: float, layer: int, lr: float, seed: int) -> Path:
@@ -592,21 +634,7 @@ def run(args) -> None:
             sweep.append({"run": name, "lr": lr, "heldout_loss": held["heldout_loss"], "dir": str(d)})
         best = min((r for r in sweep if r["run"] == name), key=lambda r: r["heldout_loss"])
         best_lr[name], run_dirs[name] = best["lr"], Path(best["dir"])
-    for layer in layers:  # other layers' codes: at MLSM's best rate (their losses are not comparable to L's)
-        if layer != L:
-            runs[f"mlsm-L{layer}"] = ("mlsm", 0.0, layer, (1.0,))
-            best_lr[f"mlsm-L{layer}"] = best_lr.get(f"mlsm-L{L}", p["lr"])
-    pretrain_seed = {name: 0 for name in runs}
-    base_run = {name: name for name in runs}
-    # Fine-tuning seeds do not show how much the pre-training run itself varies: MLM and the MLSM
-    # run of every layer are repeated with other seeds (init, masks, data order) at their best rate,
-    # with the same milestones, so the cost curves have a band and the headline a spread.
-    for k in range(1, p["pretrain_seeds"]):
-        for base in ["mlm"] + [f"mlsm-L{layer}" for layer in layers]:
-            objective, w, layer, fr = runs[base]
-            runs[f"{base}-s{k}"] = (objective, w, layer, fr)
-            pretrain_seed[f"{base}-s{k}"], base_run[f"{base}-s{k}"] = k, base
-            best_lr[f"{base}-s{k}"] = best_lr.get(base, p["lr"])
+    runs, pretrain_seed, base_run = planned_runs(p, runs, layers, L, best_lr)
     if args.runs:
         wanted = [r for r in args.runs.split(",") if r]
         unknown = sorted(set(wanted) - set(runs))

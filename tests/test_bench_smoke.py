@@ -154,3 +154,18 @@ def test_compare_probe_section_groups_pretraining_seeds():
     assert rows["random-init"] == "| random-init | 1 | 60.0 ± 0.0 / 50.0 ± 0.0 |"
     assert rows["majority class"] == "| majority class | – | 20.0 / 5.0 |"
     assert section([]) == []
+
+
+def test_compare_run_plans_per_size():
+    """The mini size repeats only the main layer's MLSM with a second seed and fine-tunes 50/100%;
+    the cpu size repeats every coded layer and fine-tunes 25/50/100%."""
+    mod = _compare_module()
+    for size, repeated_l6, fractions in (("mini", False, (0.5, 1.0)), ("cpu", True, (0.25, 0.5, 1.0))):
+        p = mod.SIZES[size]
+        best_lr = {"mlm": 1e-3, "mlsm-L1": 2e-3, "mlsm+mlm-L1": 4e-3}
+        runs, seed, base = mod.planned_runs(p, mod.swept_runs(p, 1), [1, 6], 1, best_lr)
+        assert ("mlsm-L6-s1" in runs) is repeated_l6, size
+        assert {"mlm-s1", "mlsm-L1-s1", "mlsm-L6"} <= set(runs) and "mlsm+mlm-L1-s1" not in runs
+        assert runs["mlm"][3] == runs["mlsm-L1-s1"][3] == fractions and runs["mlsm-L6"][3] == (1.0,)
+        assert (seed["mlsm-L1-s1"], base["mlsm-L1-s1"], best_lr["mlsm-L1-s1"]) == (1, "mlsm-L1", 2e-3)
+        assert best_lr["mlsm-L6"] == 2e-3 and seed["mlsm-L6"] == 0
