@@ -247,7 +247,8 @@ gpu-check: setup corpus
 	$(BIN)/python bench/gpu_check.py --device cuda --corpus "$(CORPUS)" --layer $(BENCH_LAYER)
 
 # MLSM vs MLM vs MLSM+MLM at equal budget, fine-tuned at 25/50/100% (docs/evaluation.md):
-#   COMPARE_SIZE=cpu (about 2 h on 2 cores; results/compare.{md,png,json}), smoke (minutes), gpu (bench/compare-gpu.sh)
+#   COMPARE_SIZE=cpu (about 2 h on 2 cores; results/compare.{md,png,json}), mini (BERT-mini, 2000 steps: about 2.5 h
+#   on 2 cores; results/compare-mini.*), smoke (minutes), gpu (bench/compare-gpu.sh)
 COMPARE_SIZE ?= cpu
 .PHONY: compare
 compare: $(VENV)/.plot-done $(CORPUS_DEP) eval-data
